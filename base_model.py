@@ -1,0 +1,116 @@
+"""
+The LLM: a tiny char-level Llama pretrained on the toy world (the stand-in for a pretrained LLM), or any
+local Hugging Face causal LM.
+
+Pretraining text mixes two kinds of items. A solved line `23+45=68` teaches the model to answer; a block
+`@23+45=` followed by four nearby solved problems teaches it to write practice problems related to a target,
+which is what a pretrained LLM can do when asked. Nothing is downloaded.
+
+    python base_model.py    # pretrains the default base for 200 steps and prints the loss
+"""
+import math
+import random
+import time
+
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer, Regex, decoders, models, pre_tokenizers
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+import tasks
+
+CHARS = "\n" + "".join(chr(c) for c in range(32, 127))
+
+
+def build_tokenizer():
+    """A char-level tokenizer, one token per printable ASCII character, built offline with `tokenizers`."""
+    vocab = {"<pad>": 0, "<unk>": 1, **{c: i + 2 for i, c in enumerate(CHARS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("(?m)."), "isolated")  # each char its own word ('\n' too)
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>")
+
+
+def build_model(vocab_size, hidden=128, layers=4, heads=4, intermediate=512, max_len=128, seed=0):
+    """A small Llama from a config. Eager attention: the meta-gradient's double backward fails with sdpa on CPU."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=heads, intermediate_size=intermediate,
+                         max_position_embeddings=max_len, tie_word_embeddings=True, pad_token_id=0,
+                         bos_token_id=None, eos_token_id=None, attn_implementation="eager")
+    return LlamaForCausalLM(config)
+
+
+# ----------------------------------------------------------------------------- pretraining on the toy world
+
+def pretraining_item(rng, block_share):
+    """One solved line, or (with probability block_share) a target followed by four nearby solved problems."""
+    d = rng.choice(tasks.DOMAIN_NAMES)
+    problem, answer = tasks.sample_problem(rng, d, "train")
+    if rng.random() >= block_share:
+        return f"{problem}{answer}\n"
+    lines = [f"{q}{tasks.solve(q)}\n" for q in (tasks.nearby(problem, rng) for _ in range(4))]
+    return f"{tasks.TARGET_MARK}{problem}\n" + "".join(lines)
+
+
+def pretraining_batch(tok, rng, batch_size, seq_len, block_share):
+    """(batch, seq_len + 1) token ids: items packed after a BOS and cut to length."""
+    rows = []
+    for _ in range(batch_size):
+        text = tasks.BOS
+        while len(text) <= seq_len:
+            text += pretraining_item(rng, block_share)
+        rows.append(tok(text[:seq_len + 1], add_special_tokens=False)["input_ids"])
+    return torch.tensor(rows)
+
+
+def pretrain(model, tok, steps, batch_size=64, seq_len=64, lr=3e-3, block_share=0.3, seed=0, device="cpu"):
+    """Next-token pretraining with AdamW and a cosine schedule; returns the loss of the last step."""
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    warmup = max(1, steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(  # linear warm-up, then cosine decay to zero
+        opt, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
+    model.set_attn_implementation("sdpa")  # 1.7x faster here; plain first-order training needs no double backward
+    model.train()
+    bar = tqdm(range(steps), desc="pretraining base", unit="step")
+    for _ in bar:
+        ids = pretraining_batch(tok, rng, batch_size, seq_len, block_share).to(device)
+        logits = model(input_ids=ids[:, :-1]).logits                           # (B, L, V)
+        loss = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        schedule.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.set_attn_implementation("eager")
+    model.eval()
+    return loss.item()
+
+
+# ----------------------------------------------------------------------------- saving and loading
+
+def save(model, tok, folder):
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+
+
+def load(folder, device="cpu", dtype=torch.float32):
+    """Any local Hugging Face causal LM and its tokenizer, frozen, with eager attention."""
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager", dtype=dtype).to(device)
+    model.eval().requires_grad_(False)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return model, tok
+
+
+if __name__ == "__main__":
+    tok = build_tokenizer()
+    model = build_model(len(tok))
+    start = time.time()
+    loss = pretrain(model, tok, steps=200)
+    print(f"200 steps in {time.time() - start:.0f} s, last loss {loss:.3f}")

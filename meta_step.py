@@ -1,0 +1,102 @@
+"""
+Eqs. 3-5 of MASS: one bilevel meta-step for one target problem T with known answer R*.
+
+    eq. 3  L_out = l(R* | T; theta + phi_K)                    the loss after the inner update
+    eq. 4  dL_out/d eta = sum_i g_i dw_i/d eta,  g_i = dL_out/dw_i   (g_i < 0: more weight on i would help)
+    eq. 5  grad_psi J = sum_i A_i grad_psi log pi_psi(p_i, a_i | T)   REINFORCE for the generator
+
+g is computed by backpropagating through the K inner steps, in one of two modes:
+  unroll   keep the graph of all K steps (create_graph=True) and differentiate once; memory grows with K.
+  replay   keep only phi_0 .. phi_K and walk back from lambda_K = dL_out/dphi_K, recomputing one step's graph at a
+           time; memory is one step's graph whatever K is, for about one extra forward-backward per step.
+Both give the same numbers to round-off (test_mass.py checks them against each other and finite differences).
+
+    python train.py --preset tiny    # runs meta-steps end to end
+"""
+import torch
+
+import tasks
+from generator import log_prob, synthesize
+from inner_loop import adapt, answer_nll, encode, inner_loss
+from scorer import features, weights_from_scores
+
+
+def outer_loss(model, phi, scale, target_batch):
+    return answer_nll(model, [phi], scale, target_batch).sum()                 # eq. 3
+
+
+def _leaf(phi):
+    return {n: p.detach().requires_grad_() for n, p in phi.items()}
+
+
+def attribution(model, phi0, scale, batch, weights, target_batch, alpha, K, mode="unroll"):
+    """L_out after K inner steps and g = dL_out/dw, shape (m,), by differentiating through the inner loop."""
+    w = weights.detach().requires_grad_()
+    if mode == "unroll":
+        phis = adapt(model, phi0, scale, batch, w, alpha, K, create_graph=True)   # graph of all K steps
+        L_out = outer_loss(model, phis[-1], scale, target_batch)
+        (g,) = torch.autograd.grad(L_out, w)
+        return L_out.detach(), g
+    if mode != "replay":
+        raise ValueError(f"meta-gradient mode must be 'unroll' or 'replay', not {mode!r}")
+    phis = adapt(model, phi0, scale, batch, w, alpha, K)                          # phi_0 .. phi_K, no graph
+    phi_K = _leaf(phis[-1])
+    L_out = outer_loss(model, phi_K, scale, target_batch)
+    lam = torch.autograd.grad(L_out, list(phi_K.values()))                       # lambda_K = dL_out/dphi_K
+    g = torch.zeros_like(w)
+    for k in reversed(range(K)):
+        phi = _leaf(phis[k])
+        grads = torch.autograd.grad(inner_loss(model, phi, scale, batch, w), list(phi.values()), create_graph=True)
+        step = [p - alpha * gr for p, gr in zip(phi.values(), grads)]            # phi_{k+1} as a function of phi_k, w
+        *lam, dw = torch.autograd.grad(step, [*phi.values(), w], grad_outputs=lam)  # lambda_k, this step's dL/dw
+        g += dw
+    return L_out.detach(), g
+
+
+def training_pairs(examples, answer_with):
+    """The valid examples as (prompts, answers) for the inner SFT; answers sampled or the base's greedy ones."""
+    valid = [e for e in examples if e["valid"]]
+    answers = [e["greedy"] if answer_with == "greedy" else e["answer"] for e in valid]
+    return valid, [tasks.BOS + e["problem"] for e in valid], [a + "\n" for a in answers]
+
+
+def meta_step(model, tok, eta, psi, phi0, target, answer, cfg, gen, improvement_baseline, grad_scale):
+    """One target's contribution to the meta-gradients: accumulates into eta's and psi's .grad, returns metrics."""
+    # step 1: synthesize m examples with the generator theta = base + psi
+    examples = synthesize(model, psi, cfg.lora_scale, tok, target, cfg.m, cfg.temperature, cfg.max_new, gen)
+    valid, prompts, answers = training_pairs(examples, cfg.answer_with)
+    if not valid:
+        return {"skipped": 1, "valid": 0.0}
+    # step 2: score them
+    x = features(model, tok, target, [e["problem"] for e in valid], [a.strip() for a in answers],
+                 [e["greedy"] for e in valid])
+    w = weights_from_scores(eta(x))                                                  # (m,)
+    # step 3 and eq. 3: the inner update and the loss after it; eq. 4: g_i = dL_out/dw_i
+    batch = encode(tok, prompts, answers, model.device)
+    target_batch = encode(tok, [tasks.BOS + target], [answer + "\n"], model.device)
+    with torch.no_grad():
+        L_before = outer_loss(model, phi0, cfg.lora_scale, target_batch)
+    L_after, g = attribution(model, phi0, cfg.lora_scale, batch, w, target_batch, cfg.alpha, cfg.K, cfg.meta_grad)
+    g_hat = g / (g.norm() + 1e-8)          # per-target normalisation: raw g is heavy-tailed across targets
+    w.backward(g_hat * grad_scale)         # eq. 4: dL_out/d eta = sum_i g_i dw_i/d eta, into eta.grad
+    # eq. 5: REINFORCE for psi, reward = -g_i (attribution) + the post-update improvement, mean baseline
+    improvement = (L_before - L_after).item()
+    reward = -g_hat + cfg.improvement_coef * (improvement - improvement_baseline)
+    advantage = reward - (-g_hat).mean()   # the attribution part minus its mean over the m samples
+    logp = log_prob(model, psi, cfg.lora_scale, tok, target, [e["line"] for e in valid])      # (m,)
+    surrogate = -(advantage.detach() * logp).mean()    # only its gradient means anything; log the reward instead
+    (surrogate * grad_scale).backward()
+    correct = [tasks.solve(e["problem"]) == a.strip() for e, a in zip(valid, answers)]
+    return {"skipped": 0, "valid": len(valid) / len(examples), "L_before": L_before.item(),
+            "L_after": L_after.item(), "improvement": improvement, "reward": reward.mean().item(),
+            "surrogate": surrogate.item(), "w_mean": w.mean().item(), "g_mean": g.mean().item(),
+            "correct": sum(correct) / len(correct),
+            "w_correct_minus_wrong": _gap(w.detach(), correct)}
+
+
+def _gap(w, correct):
+    """Mean weight of correct examples minus that of wrong ones (nan when a target has only one kind)."""
+    c = torch.tensor(correct, dtype=torch.bool)
+    if c.all() or not c.any():
+        return float("nan")
+    return (w[c].mean() - w[~c].mean()).item()

@@ -1,0 +1,69 @@
+"""
+Step 2 of MASS: the scorer eta gives each synthetic example a score s_i and a weight w_i = 2 sigma(s_i).
+
+A zero score is weight 1, and the last layer starts at zero, so meta-training starts from uniform weights.
+Weights can fall to 0: the scorer can filter an example out, or all of them, which means no update at all.
+(The alternative w = m softmax(s) keeps the total fixed and so can never decline to adapt.)
+
+Features of example i, all from the frozen base model (never from the toy world's checker):
+  - the model's confidence in a_i: mean and minimum token log-probability of a_i given p_i,
+  - self-consistency: does the base's greedy answer to p_i equal a_i,
+  - closeness to the target: cosine of the pooled hidden states of T and of the example, and the two pooled
+    representations themselves (unit length), so the scorer can learn which kinds of problems help which targets,
+  - answer length in tokens.
+
+    python -m pytest test_mass.py -k scorer
+"""
+import torch
+import torch.nn.functional as F
+
+import tasks
+from inner_loop import encode, forward
+
+N_SCALARS = 5
+
+
+class Scorer(torch.nn.Module):
+    """eta: a small MLP from an example's features to its score s_i."""
+
+    def __init__(self, hidden_size, width=32):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(N_SCALARS + 2 * hidden_size, width), torch.nn.Tanh(),
+                                       torch.nn.Linear(width, 1))
+        torch.nn.init.zeros_(self.net[-1].weight)   # s_i = 0, so w_i = 1: training starts from uniform weights
+        torch.nn.init.zeros_(self.net[-1].bias)
+
+    def forward(self, features):                     # (m, F) -> (m,)
+        return self.net(features).squeeze(-1)
+
+
+def weights_from_scores(scores):
+    return 2 * torch.sigmoid(scores)                 # w_i = 2 sigma(s_i): s = 0 gives 1, s -> -inf gives 0
+
+
+@torch.no_grad()
+def pooled(model, tok, texts):
+    """Mean of the last hidden layer over each text's tokens, unit length: (n, d)."""
+    batch = encode(tok, [""] * len(texts), texts, model.device)       # mask = every real token
+    hidden = model(input_ids=batch["ids"], output_hidden_states=True, use_cache=False).hidden_states[-1]
+    mean = (hidden * batch["mask"][..., None]).sum(1) / batch["mask"].sum(1, keepdim=True)
+    return F.normalize(mean.float(), dim=-1)
+
+
+@torch.no_grad()
+def features(model, tok, target, problems, answers, greedy_answers):
+    """(m, N_SCALARS + 2d) features of the examples (p_i, a_i) for target T, from the frozen base."""
+    batch = encode(tok, [tasks.BOS + p for p in problems], [a + "\n" for a in answers], model.device)
+    logits = forward(model, [], 1.0, batch["ids"])                              # (m, L, V)
+    token_logp = F.log_softmax(logits[:, :-1].float(), -1).gather(-1, batch["ids"][:, 1:, None]).squeeze(-1)
+    mask = batch["mask"][:, 1:]                                                 # (m, L-1)
+    n_tokens = mask.sum(1)
+    mean_logp = (token_logp * mask).sum(1) / n_tokens
+    min_logp = token_logp.masked_fill(mask == 0, 0.0).min(1).values
+    consistent = torch.tensor([float(g == a) for g, a in zip(greedy_answers, answers)], device=model.device)
+    h = pooled(model, tok, [tasks.BOS + p + a for p, a in zip(problems, answers)])  # (m, d)
+    h_target = pooled(model, tok, [tasks.BOS + target]).expand_as(h)                # (m, d)
+    cosine = (h * h_target).sum(1)
+    scalars = torch.stack([mean_logp.clamp(min=-10) / 2, min_logp.clamp(min=-10) / 2, 2 * consistent - 1,
+                           cosine, n_tokens / 4 - 1], dim=1)                         # (m, N_SCALARS)
+    return torch.cat([scalars, h, h_target], dim=1)

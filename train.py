@@ -1,0 +1,172 @@
+"""
+MASS end to end: build and pretrain the base model, meta-train the scorer eta and the generator adapter psi,
+then evaluate test-time adaptation on held-out targets.
+
+    python train.py                  # the embedded demo: everything under runs/default
+    python train.py --preset tiny    # the same path on a tiny configuration, in seconds
+    python train.py --help           # every setting
+"""
+import argparse
+import dataclasses
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm import tqdm
+
+import base_model
+import evaluate
+import tasks
+from inner_loop import init_lora, lora_targets
+from meta_step import meta_step
+from scorer import Scorer
+
+
+def arg(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Config:
+    # run
+    out: str = arg("runs/default", "folder for everything the run writes (base model, checkpoints, logs, results)")
+    preset: str = arg("default", "default | tiny (seconds, for tests) | full (longer, larger)")
+    seed: int = arg(0, "seed of every random choice")
+    device: str = arg("cpu", "torch device")
+    # base model (the stand-in for a pretrained LLM)
+    hidden: int = arg(128, "hidden size of the tiny Llama")
+    layers: int = arg(4, "transformer layers")
+    heads: int = arg(4, "attention heads")
+    intermediate: int = arg(512, "MLP width")
+    pretrain_steps: int = arg(2400, "pretraining steps on the toy world (skipped when OUT/base exists)")
+    pretrain_batch: int = arg(64, "pretraining sequences per step")
+    pretrain_lr: float = arg(3e-3, "pretraining peak learning rate")
+    block_share: float = arg(0.3, "share of pretraining items that are 'target + 4 nearby solved problems' blocks")
+    # the method: steps 1-3
+    m: int = arg(8, "synthetic examples per target (step 1)")
+    temperature: float = arg(1.0, "sampling temperature of the generator")
+    max_new: int = arg(24, "most tokens per generated example")
+    answer_with: str = arg("sample", "answers to train on: sample (as generated) | greedy (the base re-answers p_i)")
+    K: int = arg(4, "inner SGD steps (step 3)")
+    alpha: float = arg(0.03, "inner learning rate")
+    lora_rank: int = arg(4, "rank of the inner adapter phi and the generator adapter psi")
+    lora_alpha: float = arg(4.0, "LoRA scale numerator: the update is (lora_alpha / lora_rank) B A")
+    lora_modules: str = arg("q_proj,v_proj", "comma-separated names of the linear layers that get adapters")
+    meta_grad: str = arg("unroll", "meta-gradient mode: unroll (keep all K steps' graph) | replay (one step's)")
+    # meta-training: eqs. 3-5
+    meta_steps: int = arg(150, "meta-training steps (each one Adam step of eta and psi)")
+    meta_batch: int = arg(8, "targets per meta-step")
+    eta_lr: float = arg(0.03, "Adam learning rate of the scorer eta")
+    psi_lr: float = arg(1e-3, "Adam learning rate of the generator adapter psi (REINFORCE)")
+    improvement_coef: float = arg(1.0, "weight of the post-update improvement in the generator's reward")
+    scorer_width: int = arg(32, "hidden width of the scorer")
+    log_every: int = arg(10, "meta-steps between summary lines")
+    # evaluation
+    eval_targets: int = arg(300, "held-out targets, balanced over the domains")
+
+    @property
+    def lora_scale(self):
+        return self.lora_alpha / self.lora_rank
+
+
+PRESETS = {
+    "default": {},
+    "tiny": dict(hidden=32, layers=2, heads=2, intermediate=64, pretrain_steps=20, pretrain_batch=16, m=4, K=2,
+                 max_new=16, meta_steps=4, meta_batch=2, log_every=2, eval_targets=12),
+    "full": dict(pretrain_steps=6000, meta_steps=400, eval_targets=600),
+}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(Config):
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=None,
+                            help=f"{f.metadata['help']} (default: {f.default})")
+    given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+    preset = given.get("preset", "default")
+    if preset not in PRESETS:
+        parser.error(f"--preset must be one of {', '.join(PRESETS)}, not {preset!r}")
+    return Config(**{**PRESETS[preset], **given})
+
+
+def load_or_pretrain_base(cfg):
+    """The base model, pretrained once and cached in OUT/base; a second run reuses it."""
+    folder = os.path.join(cfg.out, "base")
+    if os.path.exists(os.path.join(folder, "config.json")):
+        print(f"reusing the pretrained base model in {folder}")
+        return base_model.load(folder, cfg.device)
+    tok = base_model.build_tokenizer()
+    model = base_model.build_model(len(tok), cfg.hidden, cfg.layers, cfg.heads, cfg.intermediate, seed=cfg.seed)
+    base_model.pretrain(model.to(cfg.device), tok, cfg.pretrain_steps, cfg.pretrain_batch, lr=cfg.pretrain_lr,
+                        block_share=cfg.block_share, seed=cfg.seed, device=cfg.device)
+    base_model.save(model, tok, folder)
+    return base_model.load(folder, cfg.device)
+
+
+def main(cfg):
+    os.makedirs(cfg.out, exist_ok=True)
+    with open(os.path.join(cfg.out, "config.json"), "w") as f:
+        json.dump(dataclasses.asdict(cfg), f, indent=1)
+    torch.manual_seed(cfg.seed)
+    model, tok = load_or_pretrain_base(cfg)
+
+    # ---- the learned parts: scorer eta, generator adapter psi; phi_0, the inner adapter's fixed start
+    targets = lora_targets(model, cfg.lora_modules.split(","))
+    eta = Scorer(model.config.hidden_size, cfg.scorer_width).to(cfg.device)
+    psi = {n: p.requires_grad_() for n, p in init_lora(model, targets, cfg.lora_rank, seed=cfg.seed).items()}
+    phi0 = init_lora(model, targets, cfg.lora_rank, seed=cfg.seed + 1)
+    eta_opt = torch.optim.Adam(eta.parameters(), lr=cfg.eta_lr)
+    psi_opt = torch.optim.Adam(psi.values(), lr=cfg.psi_lr)
+
+    # ---- meta-training: each step, a meta-batch of targets; one Adam step of eta and psi
+    stream = tasks.train_targets(random.Random(cfg.seed))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    improvement_baseline = 0.0    # running mean of L_before - L_after, the baseline of the improvement reward
+    log_path = os.path.join(cfg.out, "metrics.jsonl")
+    log = open(log_path, "w")
+    window = []
+    bar = tqdm(range(1, cfg.meta_steps + 1), desc="meta-training", unit="step")
+    for step in bar:
+        start = time.time()
+        for _ in range(cfg.meta_batch):
+            _, target, answer = next(stream)
+            window.append(meta_step(model, tok, eta, psi, phi0, target, answer, cfg, gen,
+                                    improvement_baseline, grad_scale=1 / cfg.meta_batch))
+            if not window[-1]["skipped"]:
+                improvement_baseline += 0.05 * (window[-1]["improvement"] - improvement_baseline)
+        eta_opt.step()
+        psi_opt.step()
+        eta_opt.zero_grad(set_to_none=True)
+        psi_opt.zero_grad(set_to_none=True)
+        window[-1]["sec_per_step"] = time.time() - start
+        if step % cfg.log_every == 0 or step == cfg.meta_steps:
+            row = {"step": step, "targets": step * cfg.meta_batch, **summarize(window)}
+            log.write(json.dumps(row) + "\n")
+            log.flush()
+            bar.write(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+            window = []
+    log.close()
+    torch.save(eta.state_dict(), os.path.join(cfg.out, "eta.pt"))
+    torch.save({n: p.detach().cpu() for n, p in psi.items()}, os.path.join(cfg.out, "psi.pt"))
+    torch.save(phi0, os.path.join(cfg.out, "phi0.pt"))
+    print(f"saved eta, psi and phi_0 in {cfg.out}; meta-training log in {log_path}")
+
+    # ---- held-out evaluation of every method
+    evaluate.run(model, tok, eta, {n: p.detach() for n, p in psi.items()}, phi0, cfg, cfg.out)
+
+
+def summarize(window):
+    """Means over the targets since the last summary line (nan-aware); counts for skipped targets."""
+    done = [r for r in window if not r["skipped"]]
+    keys = [k for k in (done[0] if done else {}) if k != "skipped"]
+    mean = lambda k: float(torch.tensor([r[k] for r in done if k in r], dtype=torch.float64).nanmean())
+    return {**{k: mean(k) for k in keys}, "skipped": sum(r["skipped"] for r in window),
+            "sec_per_step": sum(r.get("sec_per_step", 0.0) for r in window) / max(1, sum("sec_per_step" in r for r in window))}
+
+
+if __name__ == "__main__":
+    main(parse_args(sys.argv[1:]))
