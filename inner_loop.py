@@ -77,7 +77,7 @@ def encode(tok, prompts, answers, device="cpu"):
 def answer_nll(model, adapters, scale, batch):
     """l_i: the summed NLL of each row's answer tokens, shape (n,). Right padding needs no attention mask."""
     logits = forward(model, adapters, scale, batch["ids"])                     # (n, L, V)
-    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)                       # (n, L-1, V)
+    logp = F.log_softmax(logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32)), -1)  # (n, L-1, V)
     token_logp = logp.gather(-1, batch["ids"][:, 1:, None]).squeeze(-1)        # (n, L-1)
     return -(token_logp * batch["mask"][:, 1:]).sum(1)                         # (n,)
 

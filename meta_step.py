@@ -53,6 +53,12 @@ def attribution(model, phi0, scale, batch, weights, target_batch, alpha, K, mode
     return L_out.detach(), g
 
 
+def reinforce_surrogate(logp, advantage):
+    """-(1/m) sum_i A_i log pi(x_i): its gradient is eq. 5's policy gradient (negated, for a minimiser).
+    Its value measures nothing; log the reward beside it."""
+    return -(advantage.detach() * logp).mean()
+
+
 def training_pairs(examples, answer_with):
     """The valid examples as (prompts, answers) for the inner SFT; answers sampled or the base's greedy ones."""
     valid = [e for e in examples if e["valid"]]
@@ -84,7 +90,7 @@ def meta_step(model, tok, eta, psi, phi0, target, answer, cfg, gen, improvement_
     reward = -g_hat + cfg.improvement_coef * (improvement - improvement_baseline)
     advantage = reward - (-g_hat).mean()   # the attribution part minus its mean over the m samples
     logp = log_prob(model, psi, cfg.lora_scale, tok, target, [e["line"] for e in valid])      # (m,)
-    surrogate = -(advantage.detach() * logp).mean()    # only its gradient means anything; log the reward instead
+    surrogate = reinforce_surrogate(logp, advantage)
     (surrogate * grad_scale).backward()
     correct = [tasks.solve(e["problem"]) == a.strip() for e, a in zip(valid, answers)]
     return {"skipped": 0, "valid": len(valid) / len(examples), "L_before": L_before.item(),

@@ -54,8 +54,8 @@ def pooled(model, tok, texts):
 def features(model, tok, target, problems, answers, greedy_answers):
     """(m, N_SCALARS + 2d) features of the examples (p_i, a_i) for target T, from the frozen base."""
     batch = encode(tok, [tasks.BOS + p for p in problems], [a + "\n" for a in answers], model.device)
-    logits = forward(model, [], 1.0, batch["ids"])                              # (m, L, V)
-    token_logp = F.log_softmax(logits[:, :-1].float(), -1).gather(-1, batch["ids"][:, 1:, None]).squeeze(-1)
+    logits = forward(model, [], 1.0, batch["ids"]).float()                      # (m, L, V)
+    token_logp = F.log_softmax(logits[:, :-1], -1).gather(-1, batch["ids"][:, 1:, None]).squeeze(-1)
     mask = batch["mask"][:, 1:]                                                 # (m, L-1)
     n_tokens = mask.sum(1)
     mean_logp = (token_logp * mask).sum(1) / n_tokens

@@ -1,0 +1,230 @@
+"""
+Tests on tiny random models (2 layers, width 32), each against an independent reference.
+
+    python -m pytest -q
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers.models.llama import modeling_llama
+
+import base_model
+import generator
+import tasks
+from evaluate import auc, sign_test
+from inner_loop import adapt, encode, forward, init_lora, inner_loss, lora_targets, merged_weights
+from meta_step import attribution, outer_loss, reinforce_surrogate
+from scorer import Scorer, weights_from_scores
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return base_model.build_tokenizer()
+
+
+def tiny_model(tok, dtype=torch.float32):
+    model = base_model.build_model(len(tok), hidden=32, layers=2, heads=2, intermediate=64, seed=0)
+    return model.to(dtype).eval().requires_grad_(False)
+
+
+@pytest.fixture
+def model(tok):
+    return tiny_model(tok)
+
+
+@pytest.fixture
+def model64(tok, monkeypatch):
+    """A float64 model with transformers' float32 upcasts (RMSNorm, eager softmax) taken out, for finite differences."""
+    def rms_norm(self, h):
+        return self.weight * h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+    softmax = torch.nn.functional.softmax
+    monkeypatch.setattr(modeling_llama.LlamaRMSNorm, "forward", rms_norm)
+    monkeypatch.setattr(torch.nn.functional, "softmax",
+                        lambda x, dim=None, dtype=None: softmax(x, dim=dim, dtype=None if x.dtype == torch.float64 else dtype))
+    return tiny_model(tok, torch.float64)
+
+
+def problem(tok, m=4):
+    """A target and m training examples of the toy world, encoded."""
+    examples = [("23+45=", "68"), ("24+45=", "69"), ("7*12=", "84"), ("C(5,2)=", "10"), ("17%5=", "2")][:m]
+    batch = encode(tok, [tasks.BOS + p for p, _ in examples], [a + "\n" for _, a in examples])
+    return batch, encode(tok, [tasks.BOS + "22+45="], ["67\n"])
+
+
+def random_adapter(model, rank=2, seed=1, dtype=torch.float32):
+    """An adapter with B != 0, so that it changes the model."""
+    phi = init_lora(model, lora_targets(model), rank, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    return {n: (p + 0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype)).to(dtype) for n, p in phi.items()}
+
+
+# ----------------------------------------------------------------------------- functional LoRA
+
+def test_lora_with_B_zero_gives_base_logits(model, tok):
+    ids = tok("\n23+45=68\n", return_tensors="pt")["input_ids"]
+    phi = init_lora(model, lora_targets(model), rank=2)
+    assert torch.equal(forward(model, [phi], 2.0, ids), model(input_ids=ids).logits)
+
+
+def test_lora_equals_explicitly_merged_weight(model, tok):
+    ids = tok("\n23+45=68\n", return_tensors="pt")["input_ids"]
+    phi, scale = random_adapter(model), 1.5
+    merged = base_model.build_model(len(tok), hidden=32, layers=2, heads=2, intermediate=64)
+    merged.load_state_dict(model.state_dict())
+    for name in lora_targets(model):   # W' = W + scale * B @ A, written into a copy of the model
+        merged.get_submodule(name).weight.data += scale * phi[f"{name}.B"] @ phi[f"{name}.A"]
+    assert torch.allclose(forward(model, [phi], scale, ids), merged(input_ids=ids).logits, atol=1e-5)
+    assert not torch.allclose(forward(model, [phi], scale, ids), model(input_ids=ids).logits, atol=1e-3)
+
+
+def test_lora_rank_larger_than_layer_is_refused(model):
+    with pytest.raises(ValueError, match="rank"):
+        init_lora(model, lora_targets(model), rank=33)
+
+
+# ----------------------------------------------------------------------------- the inner loop
+
+def test_unrolled_loop_lowers_weighted_inner_loss(model, tok):
+    batch, _ = problem(tok)
+    w = torch.tensor([1.0, 0.5, 2.0, 1.0])
+    phis = adapt(model, random_adapter(model), 1.0, batch, w, alpha=0.05, K=5)
+    losses = [inner_loss(model, phi, 1.0, batch, w).item() for phi in phis]
+    assert all(b < a for a, b in zip(losses, losses[1:])), losses
+
+
+def test_zero_weight_example_has_no_effect(model, tok):
+    batch, _ = problem(tok)
+    w = torch.tensor([1.0, 0.0, 1.0, 1.0])
+    other = {k: v.clone() for k, v in batch.items()}
+    other["ids"][1] = batch["ids"][3]           # a different example in the zero-weight slot
+    other["mask"][1] = batch["mask"][3]
+    phi0 = random_adapter(model)
+    a = adapt(model, phi0, 1.0, batch, w, alpha=0.05, K=3)[-1]
+    b = adapt(model, phi0, 1.0, other, w, alpha=0.05, K=3)[-1]
+    assert all(torch.allclose(a[n], b[n], atol=1e-7) for n in a)
+    still = adapt(model, phi0, 1.0, batch, torch.zeros(4), alpha=0.05, K=3)[-1]
+    assert all(torch.equal(still[n], phi0[n]) for n in phi0)   # all weights 0: no update at all
+
+
+# ----------------------------------------------------------------------------- meta-gradients
+
+@pytest.mark.parametrize("K", [1, 2])
+@pytest.mark.parametrize("mode", ["unroll", "replay"])
+def test_meta_gradient_matches_finite_differences(model64, tok, K, mode):
+    batch, target = problem(tok)
+    phi0 = random_adapter(model64, dtype=torch.float64)
+    w = torch.tensor([1.0, 0.7, 1.3, 0.9], dtype=torch.float64)
+    _, g = attribution(model64, phi0, 1.0, batch, w, target, alpha=0.1, K=K, mode=mode)
+    eps, fd = 1e-5, torch.zeros_like(w)
+    for i in range(len(w)):
+        e = torch.zeros_like(w)
+        e[i] = eps
+        L = lambda w_: outer_loss(model64, adapt(model64, phi0, 1.0, batch, w_, 0.1, K)[-1], 1.0, target).item()
+        fd[i] = (L(w + e) - L(w - e)) / (2 * eps)
+    assert (g - fd).norm() / fd.norm() < 1e-5, (g, fd)
+
+
+@pytest.mark.parametrize("K", [1, 2, 5])
+def test_replay_equals_unroll(model64, tok, K):
+    batch, target = problem(tok)
+    phi0 = random_adapter(model64, dtype=torch.float64)
+    w = torch.tensor([1.0, 0.7, 1.3, 0.9], dtype=torch.float64)
+    L1, g1 = attribution(model64, phi0, 1.0, batch, w, target, 0.1, K, "unroll")
+    L2, g2 = attribution(model64, phi0, 1.0, batch, w, target, 0.1, K, "replay")
+    assert torch.allclose(L1, L2, rtol=1e-12) and (g1 - g2).norm() / g1.norm() < 1e-10
+
+
+def test_meta_gradient_reaches_scorer(model, tok):
+    batch, target = problem(tok)
+    eta = Scorer(32, width=8)
+    w = weights_from_scores(eta(torch.randn(4, 5 + 64)))
+    assert torch.allclose(w, torch.ones(4))      # a fresh scorer gives uniform weights
+    _, g = attribution(model, random_adapter(model), 1.0, batch, w, target, 0.05, 2)
+    w.backward(g)                                  # eq. 4
+    assert eta.net[-1].weight.grad.abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------- REINFORCE
+
+def test_reinforce_matches_hand_computed_policy_gradient():
+    logits = torch.tensor([0.2, -0.5, 1.0], requires_grad=True)   # a categorical policy over 3 actions
+    actions, advantage = torch.tensor([0, 2, 2, 1]), torch.tensor([1.0, -0.5, 2.0, 0.3])
+    logp = torch.log_softmax(logits, 0)[actions]
+    reinforce_surrogate(logp, advantage).backward()
+    pi = torch.softmax(logits.detach(), 0)
+    # grad of log pi(a) wrt the logits is onehot(a) - pi; the surrogate is -(1/m) sum_i A_i log pi(a_i)
+    expected = -sum(A * (torch.eye(3)[a] - pi) for a, A in zip(actions, advantage)) / len(actions)
+    assert torch.allclose(logits.grad, expected, atol=1e-6)
+
+
+def test_reinforce_gradient_is_zero_when_advantages_are_zero(model, tok):
+    psi = {n: p.requires_grad_() for n, p in random_adapter(model).items()}
+    logp = generator.log_prob(model, psi, 1.0, tok, "23+45=", ["24+45=69", "7*12=84"])
+    assert logp.shape == (2,) and (logp < 0).all()
+    reinforce_surrogate(logp, torch.zeros(2)).backward()
+    assert all(p.grad is not None and p.grad.abs().max() == 0 for p in psi.values())
+
+
+# ----------------------------------------------------------------------------- generation and the toy world
+
+@pytest.mark.parametrize("line", ["", "23+45", "=68", "23+45=", "23+45=6x", "hello=3", "23++45=68", "@23+45=68"])
+def test_malformed_generations_parse_as_invalid(line):
+    assert generator.parse(line) is None
+
+
+def test_well_formed_generation_parses():
+    assert generator.parse("3x+4=19;x=5") == ("3x+4=19;x=", "5")
+
+
+def test_checker_solves_every_domain_and_nearby_stays_in_domain():
+    import random
+    rng = random.Random(0)
+    for d in tasks.DOMAIN_NAMES:
+        for _ in range(50):
+            p, a = tasks.sample_problem(rng, d)
+            q = tasks.nearby(p, rng)
+            assert tasks.domain_of(p) == tasks.domain_of(q) == d and a is not None and tasks.solve(q) is not None
+    assert tasks.solve("12x+5=41;x=") == "3" and tasks.solve("mul(7,95)=") == "13" and tasks.solve("tri(50,60)=") == "70"
+
+
+def test_train_and_heldout_are_disjoint():
+    import random
+    rng = random.Random(0)
+    train = {tasks.sample_problem(rng, d)[0] for d in tasks.DOMAIN_NAMES for _ in range(200)}
+    heldout = {p for _, p, _ in tasks.heldout_targets(300, seed=0)}
+    assert not train & heldout and len(heldout) == 300
+
+
+def test_decode_sampling_is_seeded_and_stops_at_newline(model, tok):
+    gen = lambda: torch.Generator().manual_seed(3)
+    a = generator.decode(model, [], 1.0, tok, ["\n@1+2=\n", "\n@10*10=\n"], 12, temperature=1.0, gen=gen())
+    b = generator.decode(model, [], 1.0, tok, ["\n@1+2=\n", "\n@10*10=\n"], 12, temperature=1.0, gen=gen())
+    assert a == b and all("\n" not in t and len(t) <= 12 for t in a)
+
+
+def test_statistics():
+    assert auc([0.9, 0.8, 0.1], [1, 1, 0]) == 1.0 and auc([0.1, 0.9], [1, 0]) == 0.0
+    assert sign_test([1.0] * 10) == pytest.approx(2 / 2 ** 10) and sign_test([1, -1]) == 1.0
+
+
+# ----------------------------------------------------------------------------- end to end
+
+def test_train_tiny_end_to_end(tmp_path):
+    out = tmp_path / "run"
+    subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--preset", "tiny", "--out", str(out)],
+                   check=True, cwd=HERE, capture_output=True)
+    for f in ["base/config.json", "eta.pt", "psi.pt", "metrics.jsonl", "results.json"]:
+        assert (out / f).exists(), f
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["methods"]) == {"no_adapt", "random_ttt", "self_uniform", "scorer_only", "mass", "oracle"}
+    assert results["methods"]["no_adapt"]["overall"]["dnll"] == 0.0
+    assert results["methods"]["oracle"]["overall"]["n"] == 12
+    again = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--preset", "tiny", "--out", str(out)],
+                           check=True, cwd=HERE, capture_output=True, text=True)
+    assert "reusing the pretrained base model" in again.stdout
