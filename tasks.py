@@ -83,7 +83,7 @@ def nearby(problem, rng, spread=3):
         candidate = re.sub(r"\d+", lambda n: str(max(1, int(n.group()) + rng.randint(-spread, spread))), problem)
         if candidate != problem and solve(candidate) is not None:
             return candidate
-    return problem
+    raise ValueError(f"no solvable problem within {spread} of {problem!r}")
 
 
 def heldout_targets(n, seed):

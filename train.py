@@ -128,7 +128,7 @@ def main(cfg):
     improvement_baseline = 0.0    # running mean of L_before - L_after, the baseline of the improvement reward
     log_path = os.path.join(cfg.out, "metrics.jsonl")
     log = open(log_path, "w")
-    window = []
+    window, seconds = [], []
     bar = tqdm(range(1, cfg.meta_steps + 1), desc="meta-training", unit="step")
     for step in bar:
         start = time.time()
@@ -142,13 +142,14 @@ def main(cfg):
         psi_opt.step()
         eta_opt.zero_grad(set_to_none=True)
         psi_opt.zero_grad(set_to_none=True)
-        window[-1]["sec_per_step"] = time.time() - start
+        seconds.append(time.time() - start)
         if step % cfg.log_every == 0 or step == cfg.meta_steps:
-            row = {"step": step, "targets": step * cfg.meta_batch, **summarize(window)}
+            row = {"step": step, "targets": step * cfg.meta_batch, **summarize(window),
+                   "sec_per_step": sum(seconds) / len(seconds)}
             log.write(json.dumps(row) + "\n")
             log.flush()
             bar.write(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
-            window = []
+            window, seconds = [], []
     log.close()
     torch.save(eta.state_dict(), os.path.join(cfg.out, "eta.pt"))
     torch.save({n: p.detach().cpu() for n, p in psi.items()}, os.path.join(cfg.out, "psi.pt"))
@@ -160,12 +161,11 @@ def main(cfg):
 
 
 def summarize(window):
-    """Means over the targets since the last summary line (nan-aware); counts for skipped targets."""
+    """Means over the targets since the last summary line (nan-aware), and the count of skipped targets."""
     done = [r for r in window if not r["skipped"]]
     keys = [k for k in (done[0] if done else {}) if k != "skipped"]
-    mean = lambda k: float(torch.tensor([r[k] for r in done if k in r], dtype=torch.float64).nanmean())
-    return {**{k: mean(k) for k in keys}, "skipped": sum(r["skipped"] for r in window),
-            "sec_per_step": sum(r.get("sec_per_step", 0.0) for r in window) / max(1, sum("sec_per_step" in r for r in window))}
+    mean = lambda k: float(torch.tensor([r[k] for r in done], dtype=torch.float64).nanmean())
+    return {**{k: mean(k) for k in keys}, "skipped": sum(r["skipped"] for r in window)}
 
 
 if __name__ == "__main__":
