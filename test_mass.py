@@ -5,6 +5,7 @@ Tests on tiny random models (2 layers, width 32), each against an independent re
 """
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -228,3 +229,139 @@ def test_train_tiny_end_to_end(tmp_path):
     again = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--preset", "tiny", "--out", str(out)],
                            check=True, cwd=HERE, capture_output=True, text=True)
     assert "reusing the pretrained base model" in again.stdout
+
+
+# ---- real data: extraction, equivalence, loading
+
+REALDATA = os.path.join(HERE, "..", "shared", "realdata")
+
+
+@pytest.mark.parametrize("text, answer", [
+    ("so $\\boxed{5}$.", "5"),
+    ("first \\boxed{2}, then \\boxed{4}", "4"),                                   # the last box wins
+    ("$\\boxed{\\frac{\\sqrt{3}}{2}}$", "\\frac{\\sqrt{3}}{2}"),                  # nested braces
+    ("\\boxed{\\{1\\pm\\sqrt{5},-2\\}}", "\\{1\\pm\\sqrt{5},-2\\}"),              # escaped braces inside
+    ("the answer is \\fbox{(1,2)}", "(1,2)"),
+    ("so $\\boxed 7$ pencils", "7"),                                             # \boxed without braces
+    ("half \\boxed{\\frac12", None),                                             # never closed
+    ("Janet makes 9 * 2 = $<<9*2=18>>18\n#### 18", "18"),
+    ("#### 1,000", "1000"),                                                      # GSM8K thousands comma
+    ("so -3 dollars\n#### -3", "-3"),
+    ("no final answer here", None),
+    (None, None),
+])
+def test_extract_answer(text, answer):
+    assert tasks.extract_answer(text) == answer
+
+
+@pytest.mark.parametrize("pred, gold, same", [
+    ("\\frac{1}{2}", "\\dfrac{1}{2}", True),
+    ("\\frac12", "\\frac{1}{2}", True),
+    ("\\frac1b", "\\frac{1}{b}", True),
+    ("\\tfrac{3}{4}", "0.75", True),
+    ("0.5", "\\frac{1}{2}", True),
+    ("1/2", "\\frac{1}{2}", True),
+    ("-\\frac{1}{2}", "-0.5", True),
+    ("\\sqrt3", "\\sqrt{3}", True),
+    ("2\\sqrt2", "2 \\sqrt{2}", True),
+    ("5\\text{ cm}", "5", True),
+    ("864 \\mbox{ inches}^2", "864", True),
+    ("\\frac{270}7\\text{ degrees}", "\\frac{270}{7}", True),
+    ("\\text{(C)}", "C", True),
+    ("\\text{Evelyn}", "Evelyn", True),
+    ("90^\\circ", "90", True),
+    ("90^{\\circ}", "90", True),
+    ("\\$18.90", "18.9", True),
+    ("50\\%", "50", True),
+    ("50%", "50", True),
+    ("1,000", "1000", True),
+    ("10,\\!080", "10080", True),
+    ("11,\\! 111,\\! 111,\\! 100", "11111111100", True),
+    ("10{,}000", "10000", True),
+    ("x = 5", "5", True),
+    ("k=-3", "-3", True),
+    ("5.", "5", True),
+    ("\\left( 3, \\frac{\\pi}{2} \\right)", "(3,\\frac{\\pi}{2})", True),
+    ("[2, 5)", "[2,5)", True),
+    ("(-\\infty, 0]", "(-\\infty,0]", True),
+    ("-7", "-7.0", True),
+    ("3\\!\\cdot\\!4", "3\\cdot4", True),
+    ("(1,2)", "(2,1)", False),                                                  # order matters in a tuple
+    ("(1,2)", "12", False),                                                     # a tuple is not a number
+    ("[2,5)", "(2,5)", False),                                                  # open vs closed interval
+    ("0.33", "\\frac{1}{3}", False),                                            # close is not equal
+    ("-5", "5", False),
+    ("\\sqrt{2}", "\\sqrt{3}", False),
+    ("\\frac{1}{2}", "\\frac{2}{1}", False),
+    ("x+1", "x-1", False),
+    ("1/0", "\\frac{1}{0}", False),                                             # not numbers: no division by 0
+    ("1/0", "2/0", False),
+    ("1" + "0" * 400, "2" + "0" * 400, False),                                  # beyond float range: not both inf
+    (None, "5", False),
+    ("5", None, False),
+    ("", "", False),
+    ("\\boxed{", "}}{{", False),                                                # garbage: False, no error
+])
+def test_is_equiv(pred, gold, same):
+    assert tasks.is_equiv(pred, gold) is same
+    assert tasks.is_equiv(gold, pred) is same
+
+
+def test_load_jsonl_reads_both_formats_and_skips_blank_lines(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    rows = [{"problem": "1+1?", "solution": "It is $\\boxed{2}$.", "type": "Algebra", "level": "Level 1"},
+            {"problem": "2+2?", "solution": "4", "answer": "4", "subject": "Prealgebra", "level": 1},
+            {"question": "How many?", "answer": "Some.\n#### 1,200"}]
+    path.write_text("\n".join(json.dumps(r) for r in rows[:2]) + "\n\n" + json.dumps(rows[2]) + "\n", encoding="utf-8")
+    assert tasks.load_jsonl(str(path)) == [
+        {"domain": "Algebra", "problem": "1+1?", "solution": "It is $\\boxed{2}$.", "answer": "2"},
+        {"domain": "Prealgebra", "problem": "2+2?", "solution": "4", "answer": "4"},
+        {"domain": "gsm8k", "problem": "How many?", "solution": "Some.\n#### 1,200", "answer": "1200"}]
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "no such file"),
+    (b"", "empty file"),
+    (b"\n  \n", "empty file"),
+    (b'{"question": "q", "answer": "#### 1"}\n{"question": "caf\xe9"}\n', ":2: not UTF-8"),
+    (b'{"question": "q", "answer": "#### 1"}\n\n{"question": \n', ":3: not JSON"),
+    (b'[1, 2]\n', ":1: a row must be a JSON object"),
+    (b'{"problem": "p", "type": "Algebra"}\n', ":1: missing or non-string field(s) solution"),
+    (b'{"problem": "p", "solution": "s"}\n', ":1: missing or non-string field(s) type"),
+    (b'{"problem": "p", "solution": "no box", "type": "Algebra"}\n', ":1: no 'answer' field"),
+    (b'{"question": "q"}\n', ":1: missing or non-string field(s) answer"),
+    (b'{"question": "q", "answer": "just 5"}\n', ":1: the GSM8K answer has no final '#### N'"),
+    (b'{"text": "hello"}\n', ":1: neither MATH"),
+])
+def test_load_jsonl_errors_name_file_and_line(tmp_path, content, message):
+    path = tmp_path / "data.jsonl"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(ValueError) as error:
+        tasks.load_jsonl(str(path))
+    assert str(path) in str(error.value) and message in str(error.value) and "\n" not in str(error.value)
+
+
+def realdata(name):
+    """The path of a file of ../shared/realdata, or a clean skip where that folder is absent."""
+    if not os.path.isdir(REALDATA):
+        pytest.skip(f"no real data at {REALDATA}")
+    return os.path.join(REALDATA, name)
+
+
+def test_realdata_math500_extraction_agrees_with_answers():
+    rows = tasks.load_jsonl(realdata("math500_test.jsonl"))
+    wrong = [r["answer"] for r in rows if not tasks.is_equiv(tasks.extract_answer(r["solution"]), r["answer"])]
+    assert len(rows) == 500 and len(wrong) <= 1, wrong
+
+
+def test_realdata_gsm8k_extracts_every_final_number():
+    rows = tasks.load_jsonl(realdata("gsm8k_test.jsonl"))
+    finals = [r["solution"].split("####")[-1].strip().replace(",", "") for r in rows]
+    assert len(rows) == 1319 and [tasks.extract_answer(r["solution"]) for r in rows] == finals
+    assert all(r["answer"] == f and r["domain"] == "gsm8k" and re.fullmatch(r"-?\d+", f) for r, f in zip(rows, finals))
+
+
+def test_realdata_math_train_sample_loads_with_answers():
+    rows = tasks.load_jsonl(realdata("math_train_sample.jsonl"))
+    assert len(rows) == 1000 and all(r["answer"] is not None and r["domain"] for r in rows)
