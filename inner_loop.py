@@ -88,16 +88,25 @@ def inner_loss(model, phi, scale, batch, weights):
 
 # ----------------------------------------------------------------------------- the unrolled inner loop
 
-def adapt(model, phi0, scale, batch, weights, alpha, K, create_graph=False):
+def clip_by_norm(grads, max_norm):
+    """The guard against a wrecking update: scale the step down to norm max_norm (differentiable; None: off)."""
+    if max_norm is None:
+        return grads
+    norm = torch.sqrt(sum((g * g).sum() for g in grads))
+    return [g * torch.clamp(max_norm / (norm + 1e-12), max=1.0) for g in grads]
+
+
+def adapt(model, phi0, scale, batch, weights, alpha, K, create_graph=False, max_norm=None):
     """phi_0 .. phi_K of eq. 2. With create_graph=True every step stays differentiable (the `unroll` mode):
-    phi_K is a function of the weights w through all K steps. Otherwise each phi_k is a fresh leaf."""
+    phi_K is a function of the weights w through all K steps. Otherwise each phi_k is a fresh leaf.
+    max_norm clips each step's gradient norm (None: plain SGD, as in eq. 2)."""
     phis = [phi0]
     for k in range(K):
         phi = phis[-1]
         if k == 0 or not create_graph:  # a leaf to differentiate with respect to
             phi = {n: p.detach().requires_grad_() for n, p in phi.items()}
         loss = inner_loss(model, phi, scale, batch, weights)
-        grads = torch.autograd.grad(loss, list(phi.values()), create_graph=create_graph)
+        grads = clip_by_norm(torch.autograd.grad(loss, list(phi.values()), create_graph=create_graph), max_norm)
         phis.append({n: p - alpha * g for (n, p), g in zip(phi.items(), grads)})  # eq. 2
         if not create_graph:
             phis[-1] = {n: p.detach() for n, p in phis[-1].items()}
