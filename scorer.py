@@ -10,7 +10,9 @@ Features of example i, all from the frozen base model (never from the toy world'
   - self-consistency: does the base's greedy answer to p_i equal a_i,
   - closeness to the target: cosine of the pooled hidden states of T and of the example, and the two pooled
     representations themselves (unit length), so the scorer can learn which kinds of problems help which targets,
-  - answer length in tokens.
+  - answer length in tokens,
+  - the base's confidence on the target itself (log-prob of its most likely first answer token), so that the
+    scorer can learn when adapting is worth it at all: a model already sure of T has little to gain.
 
     python -m pytest test_mass.py -k scorer
 """
@@ -20,7 +22,7 @@ import torch.nn.functional as F
 import tasks
 from inner_loop import encode, forward
 
-N_SCALARS = 5
+N_SCALARS = 6
 
 
 class Scorer(torch.nn.Module):
@@ -64,6 +66,8 @@ def features(model, tok, target, problems, answers, greedy_answers):
     h = pooled(model, tok, [tasks.BOS + p + a for p, a in zip(problems, answers)])  # (m, d)
     h_target = pooled(model, tok, [tasks.BOS + target]).expand_as(h)                # (m, d)
     cosine = (h * h_target).sum(1)
+    target_ids = encode(tok, [tasks.BOS + target], [""], model.device)["ids"]
+    target_confidence = F.log_softmax(forward(model, [], 1.0, target_ids)[0, -1].float(), -1).max()
     scalars = torch.stack([mean_logp.clamp(min=-10) / 2, min_logp.clamp(min=-10) / 2, 2 * consistent - 1,
-                           cosine, n_tokens / 4 - 1], dim=1)                         # (m, N_SCALARS)
+                           cosine, n_tokens / 4 - 1, target_confidence.expand_as(cosine)], dim=1)  # (m, N_SCALARS)
     return torch.cat([scalars, h, h_target], dim=1)

@@ -144,7 +144,7 @@ def test_replay_equals_unroll(model64, tok, K):
 def test_meta_gradient_reaches_scorer(model, tok):
     batch, target = problem(tok)
     eta = Scorer(32, width=8)
-    w = weights_from_scores(eta(torch.randn(4, 5 + 64)))
+    w = weights_from_scores(eta(torch.randn(4, 6 + 64)))
     assert torch.allclose(w, torch.ones(4))      # a fresh scorer gives uniform weights
     _, g = attribution(model, random_adapter(model), 1.0, batch, w, target, 0.05, 2)
     w.backward(g)                                  # eq. 4
