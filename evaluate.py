@@ -70,7 +70,7 @@ def evaluate_target(model, tok, eta, psi, phi0, cfg, target, answer, seed):
         if examples is not None:
             prompts, answers, w = examples
             phi = adapt(model, phi0, cfg.lora_scale, encode(tok, prompts, answers, model.device),
-                        w.to(model.device), cfg.alpha, cfg.K)[-1]
+                        w.to(model.device), cfg.alpha, cfg.K, max_norm=cfg.inner_clip or None)[-1]
         with torch.no_grad():
             dnll = outer_loss(model, phi, cfg.lora_scale, target_batch).item() - L_before
         predicted = decode(model, [phi], cfg.lora_scale, tok, [tasks.BOS + target], cfg.max_new)[0]
@@ -90,7 +90,7 @@ def diagnostics(model, tok, phi0, cfg, target, target_batch, base_pool, mass_poo
     if base is not None:
         prompts, answers, w, correct = base
         _, g = attribution(model, phi0, cfg.lora_scale, encode(tok, prompts, answers, model.device),
-                           torch.ones_like(w), target_batch, cfg.alpha, cfg.K, cfg.meta_grad)
+                           torch.ones_like(w), target_batch, cfg.alpha, cfg.K, cfg.meta_grad, cfg.inner_clip or None)
         d["auc_weights"] = auc(w.tolist(), correct)            # does eta rank correct above wrong examples?
         d["auc_attribution"] = auc((-g).tolist(), correct)     # does -g_i (helpfulness) rank them?
         d["corr_weights_attribution"] = correlation(w.tolist(), (-g).tolist())
@@ -210,7 +210,7 @@ if __name__ == "__main__":
     parser.add_argument("--eval-targets", type=int, default=None, help="held-out targets (default: the run's)")
     args = parser.parse_args()
     with open(os.path.join(args.out, "config.json")) as f:
-        cfg = SimpleNamespace(**json.load(f))
+        cfg = SimpleNamespace(**{"inner_clip": 0.0, **json.load(f)})   # runs saved before --inner-clip existed
     cfg.lora_scale = cfg.lora_alpha / cfg.lora_rank
     cfg.eval_targets = args.eval_targets or cfg.eval_targets
     model, tok = base_model.load(os.path.join(args.out, "base"), cfg.device)

@@ -17,7 +17,7 @@ import torch
 
 import tasks
 from generator import log_prob, synthesize
-from inner_loop import adapt, answer_nll, encode, inner_loss
+from inner_loop import adapt, answer_nll, clip_by_norm, encode, inner_loss
 from scorer import features, weights_from_scores
 
 
@@ -29,24 +29,26 @@ def _leaf(phi):
     return {n: p.detach().requires_grad_() for n, p in phi.items()}
 
 
-def attribution(model, phi0, scale, batch, weights, target_batch, alpha, K, mode="unroll"):
-    """L_out after K inner steps and g = dL_out/dw, shape (m,), by differentiating through the inner loop."""
+def attribution(model, phi0, scale, batch, weights, target_batch, alpha, K, mode="unroll", max_norm=None):
+    """L_out after K inner steps and g = dL_out/dw, shape (m,), by differentiating through the inner loop.
+    max_norm: the inner step's gradient clip (None: plain eq. 2), applied identically in both modes."""
     w = weights.detach().requires_grad_()
     if mode == "unroll":
-        phis = adapt(model, phi0, scale, batch, w, alpha, K, create_graph=True)   # graph of all K steps
+        phis = adapt(model, phi0, scale, batch, w, alpha, K, True, max_norm)      # graph of all K steps
         L_out = outer_loss(model, phis[-1], scale, target_batch)
         (g,) = torch.autograd.grad(L_out, w)
         return L_out.detach(), g
     if mode != "replay":
         raise ValueError(f"meta-gradient mode must be 'unroll' or 'replay', not {mode!r}")
-    phis = adapt(model, phi0, scale, batch, w, alpha, K)                          # phi_0 .. phi_K, no graph
+    phis = adapt(model, phi0, scale, batch, w, alpha, K, False, max_norm)         # phi_0 .. phi_K, no graph
     phi_K = _leaf(phis[-1])
     L_out = outer_loss(model, phi_K, scale, target_batch)
     lam = torch.autograd.grad(L_out, list(phi_K.values()))                       # lambda_K = dL_out/dphi_K
     g = torch.zeros_like(w)
     for k in reversed(range(K)):
         phi = _leaf(phis[k])
-        grads = torch.autograd.grad(inner_loss(model, phi, scale, batch, w), list(phi.values()), create_graph=True)
+        loss = inner_loss(model, phi, scale, batch, w)
+        grads = clip_by_norm(torch.autograd.grad(loss, list(phi.values()), create_graph=True), max_norm)
         step = [p - alpha * gr for p, gr in zip(phi.values(), grads)]            # phi_{k+1} as a function of phi_k, w
         *lam, dw = torch.autograd.grad(step, [*phi.values(), w], grad_outputs=lam)  # lambda_k, this step's dL/dw
         g += dw
@@ -82,7 +84,8 @@ def meta_step(model, tok, eta, psi, phi0, target, answer, cfg, gen, improvement_
     target_batch = encode(tok, [tasks.BOS + target], [answer + "\n"], model.device)
     with torch.no_grad():
         L_before = outer_loss(model, phi0, cfg.lora_scale, target_batch)
-    L_after, g = attribution(model, phi0, cfg.lora_scale, batch, w, target_batch, cfg.alpha, cfg.K, cfg.meta_grad)
+    L_after, g = attribution(model, phi0, cfg.lora_scale, batch, w, target_batch, cfg.alpha, cfg.K, cfg.meta_grad,
+                             cfg.inner_clip or None)
     g_hat = g / (g.norm() + 1e-8)          # per-target normalisation: raw g is heavy-tailed across targets
     w.backward(g_hat * grad_scale)         # eq. 4: dL_out/d eta = sum_i g_i dw_i/d eta, into eta.grad
     # eq. 5: REINFORCE for psi, reward = -g_i (attribution) + the post-update improvement, mean baseline

@@ -132,13 +132,28 @@ def test_meta_gradient_matches_finite_differences(model64, tok, K, mode):
 
 
 @pytest.mark.parametrize("K", [1, 2, 5])
-def test_replay_equals_unroll(model64, tok, K):
+@pytest.mark.parametrize("clip", [None, 0.05])
+def test_replay_equals_unroll(model64, tok, K, clip):
     batch, target = problem(tok)
     phi0 = random_adapter(model64, dtype=torch.float64)
     w = torch.tensor([1.0, 0.7, 1.3, 0.9], dtype=torch.float64)
-    L1, g1 = attribution(model64, phi0, 1.0, batch, w, target, 0.1, K, "unroll")
-    L2, g2 = attribution(model64, phi0, 1.0, batch, w, target, 0.1, K, "replay")
+    L1, g1 = attribution(model64, phi0, 1.0, batch, w, target, 0.1, K, "unroll", clip)
+    L2, g2 = attribution(model64, phi0, 1.0, batch, w, target, 0.1, K, "replay", clip)
     assert torch.allclose(L1, L2, rtol=1e-12) and (g1 - g2).norm() / g1.norm() < 1e-10
+
+
+def test_clipped_meta_gradient_matches_finite_differences(model64, tok):
+    batch, target = problem(tok)
+    phi0 = random_adapter(model64, dtype=torch.float64)
+    w, clip = torch.tensor([1.0, 0.7, 1.3, 0.9], dtype=torch.float64), 0.05
+    norm = lambda g: torch.sqrt(sum((x * x).sum() for x in g))
+    phi = {n: p.clone().requires_grad_() for n, p in phi0.items()}
+    assert norm(torch.autograd.grad(inner_loss(model64, phi, 1.0, batch, w), list(phi.values()))) > clip  # it bites
+    _, g = attribution(model64, phi0, 1.0, batch, w, target, 0.1, 2, "unroll", clip)
+    L = lambda w_: outer_loss(model64, adapt(model64, phi0, 1.0, batch, w_, 0.1, 2, max_norm=clip)[-1], 1.0,
+                              target).item()
+    fd = torch.tensor([(L(w + 1e-5 * e) - L(w - 1e-5 * e)) / 2e-5 for e in torch.eye(4, dtype=torch.float64)])
+    assert (g - fd).norm() / fd.norm() < 1e-5, (g, fd)
 
 
 def test_meta_gradient_reaches_scorer(model, tok):

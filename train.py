@@ -53,6 +53,7 @@ class Config:
     answer_with: str = arg("sample", "answers to train on: sample (as generated) | greedy (the base re-answers p_i)")
     K: int = arg(4, "inner SGD steps (step 3)")
     alpha: float = arg(0.03, "inner learning rate")
+    inner_clip: float = arg(0.0, "clip each inner step's gradient norm to this, a guard against wrecking updates (0: off)")
     lora_rank: int = arg(4, "rank of the inner adapter phi and the generator adapter psi")
     lora_alpha: float = arg(4.0, "LoRA scale numerator: the update is (lora_alpha / lora_rank) B A")
     lora_modules: str = arg("q_proj,v_proj", "comma-separated names of the linear layers that get adapters")
