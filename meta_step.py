@@ -55,6 +55,16 @@ def attribution(model, phi0, scale, batch, weights, target_batch, alpha, K, mode
     return L_out.detach(), g
 
 
+def attribution_scale(g, typical_norm, how):
+    """What one target's g is divided by. 'target': its own norm, so every target counts the same.
+    'running': a running typical norm, so a target where weights matter more counts more, up to 3x typical."""
+    if how == "target":
+        return g.norm()
+    if how == "running":
+        return torch.clamp(g.norm() / 3, min=g.norm() if typical_norm is None else typical_norm)
+    raise ValueError(f"eta gradient normalisation must be 'target' or 'running', not {how!r}")
+
+
 def reinforce_surrogate(logp, advantage):
     """-(1/m) sum_i A_i log pi(x_i): its gradient is eq. 5's policy gradient (negated, for a minimiser).
     Its value measures nothing; log the reward beside it."""
@@ -68,8 +78,9 @@ def training_pairs(examples, answer_with):
     return valid, [tasks.BOS + e["problem"] for e in valid], [a + "\n" for a in answers]
 
 
-def meta_step(model, tok, eta, psi, phi0, target, answer, cfg, gen, improvement_baseline, grad_scale):
-    """One target's contribution to the meta-gradients: accumulates into eta's and psi's .grad, returns metrics."""
+def meta_step(model, tok, eta, psi, phi0, target, answer, cfg, gen, running, grad_scale):
+    """One target's contribution to the meta-gradients: accumulates into eta's and psi's .grad, returns metrics.
+    `running` holds running means across targets: "improvement" (the reward baseline) and "g_norm"."""
     # step 1: synthesize m examples with the generator theta = base + psi
     examples = synthesize(model, psi, cfg.lora_scale, tok, target, cfg.m, cfg.temperature, cfg.max_new, gen)
     valid, prompts, answers = training_pairs(examples, cfg.answer_with)
@@ -86,11 +97,11 @@ def meta_step(model, tok, eta, psi, phi0, target, answer, cfg, gen, improvement_
         L_before = outer_loss(model, phi0, cfg.lora_scale, target_batch)
     L_after, g = attribution(model, phi0, cfg.lora_scale, batch, w, target_batch, cfg.alpha, cfg.K, cfg.meta_grad,
                              cfg.inner_clip or None)
-    g_hat = g / (g.norm() + 1e-8)          # per-target normalisation: raw g is heavy-tailed across targets
+    g_hat = g / (attribution_scale(g, running["g_norm"], cfg.eta_grad_norm) + 1e-8)  # raw g is heavy-tailed
     w.backward(g_hat * grad_scale)         # eq. 4: dL_out/d eta = sum_i g_i dw_i/d eta, into eta.grad
     # eq. 5: REINFORCE for psi, reward = -g_i (attribution) + the post-update improvement, mean baseline
     improvement = (L_before - L_after).item()
-    reward = -g_hat + cfg.improvement_coef * (improvement - improvement_baseline)
+    reward = -g_hat + cfg.improvement_coef * (improvement - running["improvement"])
     advantage = reward - (-g_hat).mean()   # the attribution part minus its mean over the m samples
     logp = log_prob(model, psi, cfg.lora_scale, tok, target, [e["line"] for e in valid])      # (m,)
     surrogate = reinforce_surrogate(logp, advantage)
@@ -99,6 +110,7 @@ def meta_step(model, tok, eta, psi, phi0, target, answer, cfg, gen, improvement_
     return {"skipped": 0, "valid": len(valid) / len(examples), "L_before": L_before.item(),
             "L_after": L_after.item(), "improvement": improvement, "reward": reward.mean().item(),
             "surrogate": surrogate.item(), "w_mean": w.mean().item(), "g_mean": g.mean().item(),
+            "g_norm": g.norm().item(),
             "correct": sum(correct) / len(correct),
             "w_correct_minus_wrong": _gap(w.detach(), correct)}
 

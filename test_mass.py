@@ -241,6 +241,8 @@ def test_train_tiny_end_to_end(tmp_path):
     assert set(results["methods"]) == {"no_adapt", "random_ttt", "self_uniform", "scorer_only", "mass", "oracle"}
     assert results["methods"]["no_adapt"]["overall"]["dnll"] == 0.0
     assert results["methods"]["oracle"]["overall"]["n"] == 12
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 4 and rows[-1]["valid"] > 0.3    # real meta-steps ran on parsed examples
     again = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--preset", "tiny", "--out", str(out)],
                            check=True, cwd=HERE, capture_output=True, text=True)
     assert "reusing the pretrained base model" in again.stdout

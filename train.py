@@ -64,6 +64,8 @@ class Config:
     eta_lr: float = arg(0.03, "Adam learning rate of the scorer eta")
     psi_lr: float = arg(1e-3, "Adam learning rate of the generator adapter psi (REINFORCE)")
     improvement_coef: float = arg(1.0, "weight of the post-update improvement in the generator's reward")
+    eta_grad_norm: str = arg("target", "divide each target's dL_out/dw by: target (its own norm) | running (a "
+                             "running typical norm, capping one target at 3x typical)")
     scorer_width: int = arg(32, "hidden width of the scorer")
     log_every: int = arg(10, "meta-steps between summary lines")
     # evaluation
@@ -76,7 +78,7 @@ class Config:
 
 PRESETS = {
     "default": {},
-    "tiny": dict(hidden=32, layers=2, heads=2, intermediate=64, pretrain_steps=20, pretrain_batch=16, m=4, K=2,
+    "tiny": dict(hidden=48, layers=2, heads=2, intermediate=96, pretrain_steps=300, pretrain_batch=16, m=4, K=2,
                  max_new=16, meta_steps=4, meta_batch=2, log_every=2, eval_targets=12),
     "full": dict(pretrain_steps=6000, meta_steps=400, eval_targets=600),
 }
@@ -125,20 +127,25 @@ def main(cfg):
 
     # ---- meta-training: each step, a meta-batch of targets; one Adam step of eta and psi
     stream = tasks.train_targets(random.Random(cfg.seed))
-    gen = torch.Generator().manual_seed(cfg.seed)
-    improvement_baseline = 0.0    # running mean of L_before - L_after, the baseline of the improvement reward
+    running = {"improvement": 0.0,   # running mean of L_before - L_after, the baseline of the improvement reward
+               "g_norm": None}       # running mean of |dL_out/dw|, the typical scale of the attribution
     log_path = os.path.join(cfg.out, "metrics.jsonl")
     log = open(log_path, "w")
     window, seconds = [], []
     bar = tqdm(range(1, cfg.meta_steps + 1), desc="meta-training", unit="step")
     for step in bar:
         start = time.time()
-        for _ in range(cfg.meta_batch):
+        rows = []
+        for i in range(cfg.meta_batch):
             _, target, answer = next(stream)
-            window.append(meta_step(model, tok, eta, psi, phi0, target, answer, cfg, gen,
-                                    improvement_baseline, grad_scale=1 / cfg.meta_batch))
-            if not window[-1]["skipped"]:
-                improvement_baseline += 0.05 * (window[-1]["improvement"] - improvement_baseline)
+            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + (step - 1) * cfg.meta_batch + i)
+            rows.append(meta_step(model, tok, eta, psi, phi0, target, answer, cfg, gen,
+                                  running, grad_scale=1 / cfg.meta_batch))
+        for r in rows:  # the running means move once per step, so every target of a step sees the same ones
+            if not r["skipped"]:
+                running["improvement"] = ema(running["improvement"], r["improvement"])
+                running["g_norm"] = ema(running["g_norm"], r["g_norm"])
+        window += rows
         eta_opt.step()
         psi_opt.step()
         eta_opt.zero_grad(set_to_none=True)
@@ -159,6 +166,10 @@ def main(cfg):
 
     # ---- held-out evaluation of every method
     evaluate.run(model, tok, eta, {n: p.detach() for n, p in psi.items()}, phi0, cfg, cfg.out)
+
+
+def ema(mean, x, rate=0.05):
+    return x if mean is None else mean + rate * (x - mean)
 
 
 def summarize(window):
