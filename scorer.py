@@ -17,7 +17,6 @@ Features of example i, all from the frozen base model (never from the toy world'
 import torch
 import torch.nn.functional as F
 
-import tasks
 from inner_loop import encode, forward
 
 N_SCALARS = 5
@@ -51,18 +50,20 @@ def pooled(model, tok, texts):
 
 
 @torch.no_grad()
-def features(model, tok, target, problems, answers, greedy_answers):
-    """(m, N_SCALARS + 2d) features of the examples (p_i, a_i) for target T, from the frozen base."""
-    batch = encode(tok, [tasks.BOS + p for p in problems], [a + "\n" for a in answers], model.device)
+def features(model, tok, target_prompt, prompts, answers, consistent):
+    """(m, N_SCALARS + 2d) features of the examples (p_i, a_i) for target T, from the frozen base.
+    prompts, answers: the examples as trained on (a_i ends with its end mark); target_prompt: T as it is answered;
+    consistent: does the base's greedy answer to p_i agree with a_i."""
+    batch = encode(tok, prompts, answers, model.device)
     logits = forward(model, [], 1.0, batch["ids"]).float()                      # (m, L, V)
     token_logp = F.log_softmax(logits[:, :-1], -1).gather(-1, batch["ids"][:, 1:, None]).squeeze(-1)
     mask = batch["mask"][:, 1:]                                                 # (m, L-1)
     n_tokens = mask.sum(1)
     mean_logp = (token_logp * mask).sum(1) / n_tokens
     min_logp = token_logp.masked_fill(mask == 0, 0.0).min(1).values
-    consistent = torch.tensor([float(g == a) for g, a in zip(greedy_answers, answers)], device=model.device)
-    h = pooled(model, tok, [tasks.BOS + p + a for p, a in zip(problems, answers)])  # (m, d)
-    h_target = pooled(model, tok, [tasks.BOS + target]).expand_as(h)                # (m, d)
+    consistent = torch.tensor(consistent, dtype=torch.float32, device=model.device)
+    h = pooled(model, tok, [p + a.strip() for p, a in zip(prompts, answers)])      # (m, d)
+    h_target = pooled(model, tok, [target_prompt]).expand_as(h)                     # (m, d)
     cosine = (h * h_target).sum(1)
     scalars = torch.stack([mean_logp.clamp(min=-10) / 2, min_logp.clamp(min=-10) / 2, 2 * consistent - 1,
                            cosine, n_tokens / 4 - 1], dim=1)                         # (m, N_SCALARS)
