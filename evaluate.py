@@ -67,6 +67,8 @@ def random_examples(tok, cfg, rng, target, rows):
     reference solutions (real data)."""
     if cfg.natural:
         others = [r for r in rows if r["problem"] != target]
+        if not others:
+            raise ValueError("random_ttt needs rows other than the target: give --data or a longer --eval-data")
         pairs = [(r["problem"], r["solution"]) for r in (rng.choice(others) for _ in range(cfg.m))]
     else:
         pairs = [tasks.sample_problem(rng, rng.choice(tasks.DOMAIN_NAMES)) for _ in range(cfg.m)]

@@ -4,6 +4,7 @@ then evaluate test-time adaptation on held-out targets.
 
     python train.py                  # the embedded demo: everything under runs/default
     python train.py --preset tiny    # the same path on a tiny configuration, in seconds
+    python train.py --model DIR --data math_train.jsonl --eval-data math500_test.jsonl   # a real LM (README)
     python train.py --help           # every setting
 """
 import argparse
