@@ -98,10 +98,22 @@ def save(model, tok, folder):
     tok.save_pretrained(folder)
 
 
-def load(folder, device="cpu", dtype=torch.float32):
-    """Any local Hugging Face causal LM and its tokenizer, frozen, with eager attention."""
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def pick_device(name):
+    """A torch device name; 'auto' is cuda when a GPU is visible, else cpu."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def load(folder, device="cpu", dtype="float32"):
+    """Any local Hugging Face causal LM and its tokenizer, frozen, with eager attention (the meta-gradient's
+    double backward needs it). dtype: "float32" or "bfloat16", the weights' type (adapters stay float32)."""
     tok = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager", dtype=dtype).to(device)
+    model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager", dtype=DTYPES[dtype])
+    model = model.to(pick_device(device))
     model.eval().requires_grad_(False)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

@@ -11,83 +11,126 @@ Held-out test-time adaptation: every method on the same targets, per domain and 
 Measures per target: dnll, the change of the answer's NLL (nats) after adaptation, and greedy accuracy.
 Methods are compared paired on the same targets (mean, s.e., median, sign test).
 
+Real data (--eval-data, MATH/GSM8K JSONL): dnll is on the reference solution (or \\boxed{answer}, --outer-target),
+a greedy solution is graded with tasks.is_equiv on its extracted final answer, domains are subjects, random_ttt
+trains on random rows with their solutions, and oracle and the toy checker's diagnostics are n/a.
+
     python evaluate.py --out runs/default    # re-evaluate a saved run
+    python evaluate.py --model DIR --eval-data math500_test.jsonl --limit 5    # no run: untrained scorer, psi = 0
 """
 import argparse
 import json
 import math
 import os
 import random
-from types import SimpleNamespace
 
 import torch
 
 import base_model
 import tasks
-from generator import decode, synthesize
-from inner_loop import adapt, encode
-from meta_step import attribution, outer_loss, training_pairs
+from generator import answer_end, answer_prompt, decode, synthesize
+from inner_loop import adapt, encode, init_lora, lora_targets
+from meta_step import attribution, outer_loss, target_batch_for, training_pairs
 from scorer import Scorer, features, weights_from_scores
 
 METHODS = ["no_adapt", "random_ttt", "self_uniform", "scorer_only", "mass", "oracle"]
 PAIRS = [("mass", "self_uniform"), ("mass", "random_ttt"), ("mass", "no_adapt"), ("mass", "scorer_only"),
          ("scorer_only", "self_uniform"), ("self_uniform", "no_adapt"), ("oracle", "no_adapt")]
+NOT_APPLICABLE = {"oracle": "real data has no toy world to draw nearby true problems from",
+                  "scorer_only": "no trained scorer: its weights would be uniform, the same as self_uniform",
+                  "mass": "no trained scorer or generator: the same as self_uniform"}
+
+
+def methods_for(cfg, trained):
+    """The methods that make sense: oracle needs the toy world; scorer_only and mass need a meta-trained run."""
+    return [m for m in METHODS if not (m == "oracle" and cfg.natural)
+            and not (m in ("scorer_only", "mass") and not trained)]
 
 
 # ----------------------------------------------------------------------------- one target, every method
 
 def scored(model, tok, eta, target, pool, cfg):
-    """(prompts, answers, scorer weights, correct flags) of a generated pool, or None if nothing parsed."""
-    valid, prompts, answers = training_pairs(pool, cfg.answer_with)
+    """(prompts, answers, scorer weights, correct flags) of a generated pool, or None if nothing parsed.
+    Correct flags come from the toy world's checker (None for real data)."""
+    valid, prompts, answers, consistent = training_pairs(pool, cfg.answer_with, tok, cfg.natural)
     if not valid:
         return None
-    x = features(model, tok, target, [e["problem"] for e in valid], [a.strip() for a in answers],
-                 [e["greedy"] for e in valid])
+    x = features(model, tok, answer_prompt(tok, target, cfg.natural), prompts, answers, consistent)
     with torch.no_grad():
         w = weights_from_scores(eta(x))
-    return prompts, answers, w, [tasks.solve(e["problem"]) == a.strip() for e, a in zip(valid, answers)]
+    correct = None if cfg.natural else [tasks.solve(e["problem"]) == a.strip() for e, a in zip(valid, answers)]
+    return prompts, answers, w, correct
 
 
-def evaluate_target(model, tok, eta, psi, phi0, cfg, target, answer, seed):
-    """{method: (dnll, correct)} for one target, plus diagnostics of the generated pools."""
+def random_examples(tok, cfg, rng, target, rows):
+    """random_ttt's m examples with true answers: random toy problems, or random rows other than T with their
+    reference solutions (real data)."""
+    if cfg.natural:
+        others = [r for r in rows if r["problem"] != target]
+        if not others:
+            raise ValueError("random_ttt needs rows other than the target: give --data or a longer --eval-data")
+        pairs = [(r["problem"], r["solution"]) for r in (rng.choice(others) for _ in range(cfg.m))]
+    else:
+        pairs = [tasks.sample_problem(rng, rng.choice(tasks.DOMAIN_NAMES)) for _ in range(cfg.m)]
+    end = answer_end(tok, cfg.natural)
+    return [answer_prompt(tok, p, cfg.natural) for p, _ in pairs], [a + end for _, a in pairs], torch.ones(cfg.m)
+
+
+def graded(predicted, answer, natural):
+    """Is a greedy answer right: the same line (toy world), or an equivalent extracted final answer (real data)."""
+    return tasks.is_equiv(tasks.extract_answer(predicted), answer) if natural else predicted == answer
+
+
+def evaluate_target(model, tok, eta, psi, phi0, cfg, methods, target, reference, answer, rows, seed):
+    """{method: (dnll, correct)} for one target, plus diagnostics of the generated pools.
+    reference: R*, the text dnll is measured on; answer: what a greedy answer is graded against (the same in the
+    toy world); rows: the real-data rows random_ttt draws from."""
     rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
-    target_batch = encode(tok, [tasks.BOS + target], [answer + "\n"], model.device)
-    base_pool = synthesize(model, {}, cfg.lora_scale, tok, target, cfg.m, cfg.temperature, cfg.max_new, gen)
-    mass_pool = synthesize(model, psi, cfg.lora_scale, tok, target, cfg.m, cfg.temperature, cfg.max_new, gen)
-    base, trained = scored(model, tok, eta, target, base_pool, cfg), scored(model, tok, eta, target, mass_pool, cfg)
+    target_batch = target_batch_for(tok, target, reference, cfg, model.device)
+    sample = lambda adapter: synthesize(model, adapter, cfg.lora_scale, tok, target, cfg.m, cfg.temperature,
+                                        cfg.max_new, gen, cfg.natural)
+    base_pool = sample({})
+    mass_pool = sample(psi) if "mass" in methods else None
+    base = scored(model, tok, eta, target, base_pool, cfg)
+    trained = mass_pool and scored(model, tok, eta, target, mass_pool, cfg)
     ones = lambda s: None if s is None else (s[0], s[1], torch.ones_like(s[2]))
-    randoms = [tasks.sample_problem(rng, rng.choice(tasks.DOMAIN_NAMES)) for _ in range(cfg.m)]
-    nearby = [tasks.nearby(target, rng) for _ in range(cfg.m)]
-    data = {"no_adapt": None,
-            "random_ttt": ([tasks.BOS + p for p, _ in randoms], [a + "\n" for _, a in randoms], torch.ones(cfg.m)),
-            "self_uniform": ones(base), "scorer_only": base and base[:3], "mass": trained and trained[:3],
-            "oracle": ([tasks.BOS + p for p in nearby], [tasks.solve(p) + "\n" for p in nearby], torch.ones(cfg.m))}
+    data = {"no_adapt": None, "random_ttt": random_examples(tok, cfg, rng, target, rows),
+            "self_uniform": ones(base), "scorer_only": base and base[:3], "mass": trained and trained[:3]}
+    if "oracle" in methods:
+        nearby = [tasks.nearby(target, rng) for _ in range(cfg.m)]
+        data["oracle"] = ([tasks.BOS + p for p in nearby], [tasks.solve(p) + "\n" for p in nearby], torch.ones(cfg.m))
     with torch.no_grad():
         L_before = outer_loss(model, phi0, cfg.lora_scale, target_batch).item()
     result = {}
-    for method, examples in data.items():
+    for method in methods:
         phi = phi0
-        if examples is not None:
-            prompts, answers, w = examples
-            phi = adapt(model, phi0, cfg.lora_scale, encode(tok, prompts, answers, model.device),
+        if data[method] is not None:
+            prompts, answers, w = data[method]
+            phi = adapt(model, phi0, cfg.lora_scale, encode(tok, prompts, answers, model.device, cfg.max_len),
                         w.to(model.device), cfg.alpha, cfg.K, max_norm=cfg.inner_clip or None)[-1]
         with torch.no_grad():
             dnll = outer_loss(model, phi, cfg.lora_scale, target_batch).item() - L_before
-        predicted = decode(model, [phi], cfg.lora_scale, tok, [tasks.BOS + target], cfg.max_new)[0]
-        result[method] = (dnll, predicted == answer)
+        predicted = decode(model, [phi], cfg.lora_scale, tok, [answer_prompt(tok, target, cfg.natural)], cfg.max_new,
+                           stop=None if cfg.natural else "\n")[0]
+        result[method] = (dnll, graded(predicted, answer, cfg.natural))
     return result, diagnostics(model, tok, phi0, cfg, target, target_batch, base_pool, mass_pool, base)
 
 
 def diagnostics(model, tok, phi0, cfg, target, target_batch, base_pool, mass_pool, base):
-    """What meta-training learned, on this target: pool quality, and how eta's weights rank examples."""
+    """What meta-training learned, on this target: pool quality, and how eta's weights rank examples.
+    Real data: only the share of valid examples (correctness needs the toy world's checker)."""
     d = {}
     for name, pool in (("base", base_pool), ("mass", mass_pool)):
+        if pool is None:
+            continue
         valid = [e for e in pool if e["valid"]]
         d[f"{name}_valid"] = len(valid) / len(pool)
+        if cfg.natural:
+            continue
         d[f"{name}_in_domain"] = sum(tasks.domain_of(e["problem"]) == tasks.domain_of(target)
                                      for e in valid) / len(pool)
         d[f"{name}_correct"] = sum(tasks.solve(e["problem"]) == e["answer"] for e in valid) / len(pool)
-    if base is not None:
+    if base is not None and not cfg.natural:
         prompts, answers, w, correct = base
         _, g = attribution(model, phi0, cfg.lora_scale, encode(tok, prompts, answers, model.device),
                            torch.ones_like(w), target_batch, cfg.alpha, cfg.K, cfg.meta_grad, cfg.inner_clip or None)
@@ -157,29 +200,48 @@ def paired(per_target, a, b, keep):
 def aggregate(per_target, domains, diags):
     base_wrong = lambda r: not r["no_adapt"][1]
     methods = {}
-    for m in METHODS:
+    pairs = [(a, b) for a, b in PAIRS if a in per_target[0] and b in per_target[0]]
+    for m in per_target[0]:
         methods[m] = {"overall": summary([r[m] for r in per_target]),
                       "by_domain": {d: summary([r[m] for r, dd in zip(per_target, domains) if dd == d])
                                     for d in sorted(set(domains), key=domains.index)},
                       "base_wrong": summary([r[m] for r in per_target if base_wrong(r)])}
     return {"methods": methods,
-            "paired": {f"{a}_vs_{b}": paired(per_target, a, b, lambda r: True) for a, b in PAIRS},
-            "paired_base_wrong": {f"{a}_vs_{b}": paired(per_target, a, b, base_wrong) for a, b in PAIRS},
+            "paired": {f"{a}_vs_{b}": paired(per_target, a, b, lambda r: True) for a, b in pairs},
+            "paired_base_wrong": {f"{a}_vs_{b}": paired(per_target, a, b, base_wrong) for a, b in pairs},
             "learned": {k: float(torch.tensor([d[k] for d in diags if k in d]).nanmean()) for k in diags[0]}}
 
 
 # ----------------------------------------------------------------------------- the whole evaluation
 
-def run(model, tok, eta, psi, phi0, cfg, out):
-    """Evaluates every method on cfg.eval_targets held-out targets; prints tables, writes results.json."""
+def heldout(cfg):
+    """The evaluation targets as (domain, T, R*, answer), and the real-data rows random_ttt draws from (None in the
+    toy world): the first rows of --eval-data (or of --data, not held out), else toy held-out problems."""
+    if not cfg.natural:
+        return [(d, t, a, a) for d, t, a in tasks.heldout_targets(cfg.eval_targets, seed=cfg.seed + 1000)], None
+    rows = tasks.load_jsonl(cfg.eval_data or cfg.data)
+    if not cfg.eval_data:
+        print(f"no --eval-data: evaluating on rows of {cfg.data}, the meta-training data (not held out)")
+    targets = [(r["domain"], r["problem"], tasks.reference(r, cfg.outer_target), r["answer"])
+               for r in rows[:cfg.limit or cfg.eval_targets]]
+    return targets, tasks.load_jsonl(cfg.data) if cfg.data and cfg.eval_data else rows
+
+
+def run(model, tok, eta, psi, phi0, cfg, out, trained=True):
+    """Evaluates every method that makes sense on the held-out targets; prints tables, writes results.json.
+    trained: eta and psi come from meta-training (else only no_adapt, random_ttt and self_uniform are run)."""
     from tqdm import tqdm
-    targets = tasks.heldout_targets(cfg.eval_targets, seed=cfg.seed + 1000)
+    methods = methods_for(cfg, trained)
+    targets, rows = heldout(cfg)
     per_target, diags = [], []
-    for i, (domain, target, answer) in enumerate(tqdm(targets, desc="evaluating", unit="target")):
-        result, diag = evaluate_target(model, tok, eta, psi, phi0, cfg, target, answer, seed=cfg.seed + 10_000 + i)
+    for i, (domain, target, reference, answer) in enumerate(tqdm(targets, desc="evaluating", unit="target")):
+        result, diag = evaluate_target(model, tok, eta, psi, phi0, cfg, methods, target, reference, answer, rows,
+                                       seed=cfg.seed + 10_000 + i)
         per_target.append(result)
         diags.append(diag)
-    results = aggregate(per_target, [d for d, _, _ in targets], diags)
+    results = aggregate(per_target, [t[0] for t in targets], diags)
+    results["not_applicable"] = {m: NOT_APPLICABLE[m] for m in METHODS if m not in methods}
+    os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     print_tables(results)
@@ -188,15 +250,18 @@ def run(model, tok, eta, psi, phi0, cfg, out):
 
 
 def print_tables(results):
+    """One table per measure: a row per domain (subject) and overall, a column per method."""
     methods = results["methods"]
     domains = list(next(iter(methods.values()))["by_domain"])
     for key, title in (("dnll", "change of the answer's NLL after adaptation, nats (lower is better)"),
                        ("acc", "greedy accuracy")):
         print(f"\n{title}, mean ± s.e.")
-        print(f"{'method':13s}" + "".join(f"{d[:12]:>15s}" for d in domains + ["overall"]))
-        for m, r in methods.items():
-            cells = [r["by_domain"][d] for d in domains] + [r["overall"]]
-            print(f"{m:13s}" + "".join(f"{c[key]:+8.3f} ±{c[key + '_se']:5.3f}" for c in cells))
+        print(f"{'domain':24s}{'n':>5s}" + "".join(f"{m:>16s}" for m in methods))
+        for d in domains + ["overall"]:
+            cells = [r["overall"] if d == "overall" else r["by_domain"][d] for r in methods.values()]
+            print(f"{d[:24]:24s}{cells[0]['n']:5d}" + "".join(f"{c[key]:+9.3f} ±{c[key + '_se']:5.3f}" for c in cells))
+    for m, why in results["not_applicable"].items():
+        print(f"{m}: n/a ({why})")
     print("\npaired, A minus B on the same targets: dnll mean ± s.e. [median, sign-test p]; accuracy")
     for name, p in results["paired"].items():
         print(f"  {name:26s} {p['dnll_diff']:+.3f} ± {p['dnll_diff_se']:.3f} [{p['dnll_diff_median']:+.3f}, "
@@ -205,17 +270,34 @@ def print_tables(results):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    import sys
+    import train   # the settings are train.py's Config, their one list; only this script block reads train.py
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--out", default="runs/default", help="a run folder written by train.py")
     parser.add_argument("--eval-targets", type=int, default=None, help="held-out targets (default: the run's)")
-    args = parser.parse_args()
-    with open(os.path.join(args.out, "config.json")) as f:
-        cfg = SimpleNamespace(**{"inner_clip": 0.0, **json.load(f)})   # runs saved before --inner-clip existed
-    cfg.lora_scale = cfg.lora_alpha / cfg.lora_rank
-    cfg.eval_targets = args.eval_targets or cfg.eval_targets
-    model, tok = base_model.load(os.path.join(args.out, "base"), cfg.device)
-    eta = Scorer(model.config.hidden_size, cfg.scorer_width)
-    eta.load_state_dict(torch.load(os.path.join(args.out, "eta.pt")))
-    psi = torch.load(os.path.join(args.out, "psi.pt"))
-    phi0 = torch.load(os.path.join(args.out, "phi0.pt"))
-    run(model, tok, eta, psi, phi0, cfg, args.out)
+    parser.add_argument("--limit", type=int, default=None, help="real data: the first N rows (default: the run's)")
+    parser.add_argument("--model", default=None, help="no run folder: this local Hugging Face causal LM with an "
+                        "untrained scorer and psi = 0; every train.py setting applies, --out defaults to runs/eval")
+    args, rest = parser.parse_known_args()
+    if args.model:   # no run: settings from the command line, an untrained scorer (uniform weights), psi = 0
+        cfg = train.parse_args(["--out", "runs/eval", "--meta-steps", "0", *sys.argv[1:]])   # later ones win
+        cfg.device = base_model.pick_device(cfg.device)
+        model, tok = base_model.load(cfg.model, cfg.device, cfg.dtype)
+        eta = Scorer(model.config.hidden_size, cfg.scorer_width).to(cfg.device)
+        psi, trained = {}, False
+        phi0 = init_lora(model, lora_targets(model, cfg.lora_modules), cfg.lora_rank, seed=cfg.seed + 1)
+    else:            # a train.py run: its settings, eta, psi and phi_0
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)} (train.py's settings need --model)")
+        with open(os.path.join(args.out, "config.json")) as f:
+            saved = json.load(f)
+        cfg = train.Config(**{k: v for k, v in saved.items() if k in train.Config.__dataclass_fields__})
+        cfg.out, cfg.eval_targets = args.out, args.eval_targets or cfg.eval_targets
+        cfg.limit = args.limit if args.limit is not None else cfg.limit
+        model, tok = base_model.load(cfg.model or os.path.join(args.out, "base"), cfg.device, cfg.dtype)
+        eta = Scorer(model.config.hidden_size, cfg.scorer_width).to(cfg.device)
+        eta.load_state_dict(torch.load(os.path.join(args.out, "eta.pt")))
+        psi = {n: p.to(cfg.device) for n, p in torch.load(os.path.join(args.out, "psi.pt")).items()}
+        phi0, trained = torch.load(os.path.join(args.out, "phi0.pt"), map_location=cfg.device), True
+    run(model, tok, eta, psi, phi0, cfg, cfg.out, trained)

@@ -15,41 +15,67 @@ import math
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
+from transformers.pytorch_utils import Conv1D
 
 # ----------------------------------------------------------------------------- functional LoRA
 
-def lora_targets(model, names=("q_proj", "v_proj")):
-    """Names of the nn.Linear modules that get an adapter (never the embeddings: they are tied)."""
-    found = [n for n, mod in model.named_modules() if n.split(".")[-1] in names and isinstance(mod, torch.nn.Linear)]
-    if not found:
-        raise ValueError(f"no nn.Linear module named any of {list(names)} in {type(model).__name__}")
-    return found
+# Where adapters go in the common families, tried in this order by lora_targets(model, "auto").
+FAMILIES = [("q_proj", "v_proj"),      # Llama, Mistral, Qwen2, Gemma (nn.Linear)
+            ("c_attn",),               # GPT-2: q, k, v in one transformers Conv1D
+            ("query_key_value",)]      # GPT-NeoX, Pythia, Falcon: q, k, v in one nn.Linear
+
+
+def lora_targets(model, names="auto"):
+    """Names of the linear layers that get an adapter (never the embeddings: they are tied).
+    names: "auto" (the first of FAMILIES found in the model), or module names as a list or comma-separated string."""
+    tried = FAMILIES if names == "auto" else [names.split(",") if isinstance(names, str) else names]
+    for family in tried:
+        found = [n for n, mod in model.named_modules()
+                 if n.split(".")[-1] in family and isinstance(mod, (torch.nn.Linear, Conv1D))]
+        if found:
+            return found
+    raise ValueError(f"no nn.Linear or Conv1D module named any of {[n for f in tried for n in f]} in "
+                     f"{type(model).__name__}; name its attention projections with --lora-modules")
+
+
+def out_in(module):
+    """(out, in) of a layer: nn.Linear stores its weight as (out, in), transformers' Conv1D (GPT-2) as (in, out)."""
+    W = module.weight
+    return (W.shape[1], W.shape[0]) if isinstance(module, Conv1D) else tuple(W.shape)
 
 
 def init_lora(model, targets, rank, seed=0):
-    """A fresh adapter: A random (Kaiming-uniform, as in the LoRA paper), B = 0, so it starts as a no-op."""
+    """A fresh adapter: A random (Kaiming-uniform, as in the LoRA paper), B = 0, so it starts as a no-op.
+    Adapters are float32 (float64 for a float64 model) even when the model is bfloat16."""
     gen = torch.Generator().manual_seed(seed)
     adapter = {}
     for name in targets:
-        W = model.get_submodule(name).weight                                   # (out, in)
-        if rank > min(W.shape):
+        module = model.get_submodule(name)
+        (n_out, n_in), W = out_in(module), module.weight
+        dtype = torch.promote_types(W.dtype, torch.float32)
+        if rank > min(n_out, n_in):
             raise ValueError(f"LoRA rank {rank} is larger than layer {name} of shape {tuple(W.shape)}")
-        bound = 1 / math.sqrt(W.shape[1])
-        A = (torch.rand(rank, W.shape[1], generator=gen) * 2 - 1) * bound
-        adapter[f"{name}.A"] = A.to(W.device, W.dtype)                          # (r, in)
-        adapter[f"{name}.B"] = torch.zeros(W.shape[0], rank, device=W.device, dtype=W.dtype)  # (out, r)
+        bound = 1 / math.sqrt(n_in)
+        A = (torch.rand(rank, n_in, generator=gen) * 2 - 1) * bound
+        adapter[f"{name}.A"] = A.to(W.device, dtype)                               # (r, in)
+        adapter[f"{name}.B"] = torch.zeros(n_out, rank, device=W.device, dtype=dtype)  # (out, r)
     return adapter
 
 
 def merged_weights(model, adapters, scale):
-    """{"<module>.weight": W + scale * sum over adapters of B @ A}: the parameters functional_call overrides."""
+    """{"<module>.weight": W + scale * sum over adapters of B @ A}: the parameters functional_call overrides.
+    For a Conv1D, whose weight is (in, out), the update is added transposed: W + scale * (B @ A)^T."""
     merged = {}
     for adapter in adapters:
         for key in adapter:
             if key.endswith(".A"):
                 name = key[:-2]
-                W = merged.get(f"{name}.weight", model.get_submodule(name).weight)
-                merged[f"{name}.weight"] = W + scale * adapter[f"{name}.B"] @ adapter[f"{name}.A"]
+                module = model.get_submodule(name)
+                W = merged.get(f"{name}.weight", module.weight)
+                delta = scale * adapter[f"{name}.B"] @ adapter[f"{name}.A"]          # (out, in)
+                if isinstance(module, Conv1D):
+                    delta = delta.T                                                  # (in, out)
+                merged[f"{name}.weight"] = W + delta.to(W.dtype)
     return merged
 
 
@@ -60,14 +86,15 @@ def forward(model, adapters, scale, ids, **kwargs):
 
 # ----------------------------------------------------------------------------- the SFT data and its loss
 
-def encode(tok, prompts, answers, device="cpu"):
-    """A right-padded batch: ids (n, L) and a mask (n, L) that is 1 on the answer tokens only."""
+def encode(tok, prompts, answers, device="cpu", max_len=None):
+    """A right-padded batch: ids (n, L) and a mask (n, L) that is 1 on the answer tokens only.
+    A row longer than max_len tokens loses its tail (None: no limit)."""
     rows, masks = [], []
     for prompt, answer in zip(prompts, answers):
         p = tok(prompt)["input_ids"]
         a = tok(answer, add_special_tokens=False)["input_ids"]
-        rows.append(p + a)
-        masks.append([0] * len(p) + [1] * len(a))
+        rows.append((p + a)[:max_len])
+        masks.append(([0] * len(p) + [1] * len(a))[:max_len])
     L = max(map(len, rows))
     ids = torch.tensor([r + [tok.pad_token_id] * (L - len(r)) for r in rows], device=device)
     mask = torch.tensor([m + [0] * (L - len(m)) for m in masks], device=device, dtype=torch.float32)

@@ -16,7 +16,7 @@ Both give the same numbers to round-off (test_mass.py checks them against each o
 import torch
 
 import tasks
-from generator import log_prob, synthesize
+from generator import answer_end, answer_prompt, log_prob, synthesize
 from inner_loop import adapt, answer_nll, clip_by_norm, encode, inner_loss
 from scorer import features, weights_from_scores
 
@@ -71,28 +71,43 @@ def reinforce_surrogate(logp, advantage):
     return -(advantage.detach() * logp).mean()
 
 
-def training_pairs(examples, answer_with):
-    """The valid examples as (prompts, answers) for the inner SFT; answers sampled or the base's greedy ones."""
+def agree(a, b, natural):
+    """Two answers to one problem agree: the same line (toy world), or equivalent final answers of two solutions."""
+    return tasks.is_equiv(tasks.extract_answer(a), tasks.extract_answer(b)) if natural else a == b
+
+
+def training_pairs(examples, answer_with, tok, natural):
+    """The valid examples as (prompts, answers) for the inner SFT; answers sampled or the base's greedy ones.
+    Also whether the base's greedy answer agrees with each trained-on answer (a scorer feature)."""
     valid = [e for e in examples if e["valid"]]
     answers = [e["greedy"] if answer_with == "greedy" else e["answer"] for e in valid]
-    return valid, [tasks.BOS + e["problem"] for e in valid], [a + "\n" for a in answers]
+    consistent = [agree(e["greedy"], a, natural) for e, a in zip(valid, answers)]
+    return (valid, [answer_prompt(tok, e["problem"], natural) for e in valid],
+            [a + answer_end(tok, natural) for a in answers], consistent)
 
 
-def meta_step(model, tok, eta, psi, phi0, target, answer, cfg, gen, running, grad_scale):
+def target_batch_for(tok, target, reference, cfg, device):
+    """T and R* encoded for the outer loss: R* is the answer (toy world) or the reference solution (real data)."""
+    return encode(tok, [answer_prompt(tok, target, cfg.natural)], [reference + answer_end(tok, cfg.natural)], device,
+                  cfg.max_len)
+
+
+def meta_step(model, tok, eta, psi, phi0, target, reference, cfg, gen, running, grad_scale):
     """One target's contribution to the meta-gradients: accumulates into eta's and psi's .grad, returns metrics.
-    `running` holds running means across targets: "improvement" (the reward baseline) and "g_norm"."""
+    reference: R*, the answer (toy world) or the reference solution (real data) that L_out is measured on.
+    running: running means across targets, "improvement" (the reward baseline) and "g_norm"."""
     # step 1: synthesize m examples with the generator theta = base + psi
-    examples = synthesize(model, psi, cfg.lora_scale, tok, target, cfg.m, cfg.temperature, cfg.max_new, gen)
-    valid, prompts, answers = training_pairs(examples, cfg.answer_with)
+    examples = synthesize(model, psi, cfg.lora_scale, tok, target, cfg.m, cfg.temperature, cfg.max_new, gen,
+                          cfg.natural)
+    valid, prompts, answers, consistent = training_pairs(examples, cfg.answer_with, tok, cfg.natural)
     if not valid:
         return {"skipped": 1, "valid": 0.0}
     # step 2: score them
-    x = features(model, tok, target, [e["problem"] for e in valid], [a.strip() for a in answers],
-                 [e["greedy"] for e in valid])
+    x = features(model, tok, answer_prompt(tok, target, cfg.natural), prompts, answers, consistent)
     w = weights_from_scores(eta(x))                                                  # (m,)
     # step 3 and eq. 3: the inner update and the loss after it; eq. 4: g_i = dL_out/dw_i
-    batch = encode(tok, prompts, answers, model.device)
-    target_batch = encode(tok, [tasks.BOS + target], [answer + "\n"], model.device)
+    batch = encode(tok, prompts, answers, model.device, cfg.max_len)
+    target_batch = target_batch_for(tok, target, reference, cfg, model.device)
     with torch.no_grad():
         L_before = outer_loss(model, phi0, cfg.lora_scale, target_batch)
     L_after, g = attribution(model, phi0, cfg.lora_scale, batch, w, target_batch, cfg.alpha, cfg.K, cfg.meta_grad,
@@ -103,16 +118,17 @@ def meta_step(model, tok, eta, psi, phi0, target, answer, cfg, gen, running, gra
     improvement = (L_before - L_after).item()
     reward = -g_hat + cfg.improvement_coef * (improvement - running["improvement"])
     advantage = reward - (-g_hat).mean()   # the attribution part minus its mean over the m samples
-    logp = log_prob(model, psi, cfg.lora_scale, tok, target, [e["line"] for e in valid])      # (m,)
+    logp = log_prob(model, psi, cfg.lora_scale, tok, target, [e["line"] for e in valid], cfg.natural)  # (m,)
     surrogate = reinforce_surrogate(logp, advantage)
     (surrogate * grad_scale).backward()
-    correct = [tasks.solve(e["problem"]) == a.strip() for e, a in zip(valid, answers)]
-    return {"skipped": 0, "valid": len(valid) / len(examples), "L_before": L_before.item(),
-            "L_after": L_after.item(), "improvement": improvement, "reward": reward.mean().item(),
-            "surrogate": surrogate.item(), "w_mean": w.mean().item(), "g_mean": g.mean().item(),
-            "g_norm": g.norm().item(),
-            "correct": sum(correct) / len(correct),
-            "w_correct_minus_wrong": _gap(w.detach(), correct)}
+    metrics = {"skipped": 0, "valid": len(valid) / len(examples), "L_before": L_before.item(),
+               "L_after": L_after.item(), "improvement": improvement, "reward": reward.mean().item(),
+               "surrogate": surrogate.item(), "w_mean": w.mean().item(), "g_mean": g.mean().item(),
+               "g_norm": g.norm().item()}
+    if not cfg.natural:   # diagnostics from the toy world's checker; real problems have none
+        correct = [tasks.solve(e["problem"]) == a.strip() for e, a in zip(valid, answers)]
+        metrics.update(correct=sum(correct) / len(correct), w_correct_minus_wrong=_gap(w.detach(), correct))
+    return metrics
 
 
 def _gap(w, correct):

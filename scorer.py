@@ -10,7 +10,7 @@ Features of example i, all from the frozen base model (never from the toy world'
   - self-consistency: does the base's greedy answer to p_i equal a_i,
   - closeness to the target: cosine of the pooled hidden states of T and of the example, and the two pooled
     representations themselves (unit length), so the scorer can learn which kinds of problems help which targets,
-  - answer length in tokens,
+  - answer length (log of its token count),
   - the base's confidence on the target itself (log-prob of its most likely first answer token), so that the
     scorer can learn when adapting is worth it at all: a model already sure of T has little to gain.
 
@@ -19,7 +19,6 @@ Features of example i, all from the frozen base model (never from the toy world'
 import torch
 import torch.nn.functional as F
 
-import tasks
 from inner_loop import encode, forward
 
 N_SCALARS = 6
@@ -53,21 +52,23 @@ def pooled(model, tok, texts):
 
 
 @torch.no_grad()
-def features(model, tok, target, problems, answers, greedy_answers):
-    """(m, N_SCALARS + 2d) features of the examples (p_i, a_i) for target T, from the frozen base."""
-    batch = encode(tok, [tasks.BOS + p for p in problems], [a + "\n" for a in answers], model.device)
+def features(model, tok, target_prompt, prompts, answers, consistent):
+    """(m, N_SCALARS + 2d) features of the examples (p_i, a_i) for target T, from the frozen base.
+    prompts, answers: the examples as trained on (a_i ends with its end mark); target_prompt: T as it is answered;
+    consistent: does the base's greedy answer to p_i agree with a_i."""
+    batch = encode(tok, prompts, answers, model.device)
     logits = forward(model, [], 1.0, batch["ids"]).float()                      # (m, L, V)
     token_logp = F.log_softmax(logits[:, :-1], -1).gather(-1, batch["ids"][:, 1:, None]).squeeze(-1)
     mask = batch["mask"][:, 1:]                                                 # (m, L-1)
     n_tokens = mask.sum(1)
     mean_logp = (token_logp * mask).sum(1) / n_tokens
     min_logp = token_logp.masked_fill(mask == 0, 0.0).min(1).values
-    consistent = torch.tensor([float(g == a) for g, a in zip(greedy_answers, answers)], device=model.device)
-    h = pooled(model, tok, [tasks.BOS + p + a for p, a in zip(problems, answers)])  # (m, d)
-    h_target = pooled(model, tok, [tasks.BOS + target]).expand_as(h)                # (m, d)
+    consistent = torch.tensor(consistent, dtype=torch.float32, device=model.device)
+    h = pooled(model, tok, [p + a.strip() for p, a in zip(prompts, answers)])      # (m, d)
+    h_target = pooled(model, tok, [target_prompt]).expand_as(h)                     # (m, d)
     cosine = (h * h_target).sum(1)
-    target_ids = encode(tok, [tasks.BOS + target], [""], model.device)["ids"]
+    target_ids = encode(tok, [target_prompt], [""], model.device)["ids"]
     target_confidence = F.log_softmax(forward(model, [], 1.0, target_ids)[0, -1].float(), -1).max()
     scalars = torch.stack([mean_logp.clamp(min=-10) / 2, min_logp.clamp(min=-10) / 2, 2 * consistent - 1,
-                           cosine, n_tokens / 4 - 1, target_confidence.expand_as(cosine)], dim=1)  # (m, N_SCALARS)
+                           cosine, torch.log(n_tokens) - 1, target_confidence.expand_as(cosine)], dim=1)  # (m, N_SCALARS)
     return torch.cat([scalars, h, h_target], dim=1)

@@ -252,6 +252,20 @@ def load_jsonl(path):
     return rows
 
 
+def reference(row, outer_target):
+    """R* of a row, the text the outer loss is measured on: its worked solution, or its answer alone as \\boxed{}."""
+    if outer_target not in ("solution", "answer"):
+        raise ValueError(f"outer_target must be 'solution' or 'answer', not {outer_target!r}")
+    return row["solution"] if outer_target == "solution" else f"\\boxed{{{row['answer']}}}"
+
+
+def row_targets(rows, rng, outer_target):
+    """An endless stream of (domain, problem, R*) meta-training targets drawn from load_jsonl rows."""
+    while True:
+        row = rng.choice(rows)
+        yield row["domain"], row["problem"], reference(row, outer_target)
+
+
 if __name__ == "__main__":
     rng = random.Random(0)
     for d in DOMAIN_NAMES:

@@ -11,14 +11,18 @@ import sys
 
 import pytest
 import torch
+from tokenizers import processors
+from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig, Qwen2Config
 from transformers.models.llama import modeling_llama
 
 import base_model
+import evaluate
 import generator
 import tasks
+import train
 from evaluate import auc, sign_test
 from inner_loop import adapt, encode, forward, init_lora, inner_loss, lora_targets, merged_weights
-from meta_step import attribution, outer_loss, reinforce_surrogate
+from meta_step import attribution, outer_loss, reinforce_surrogate, training_pairs
 from scorer import Scorer, weights_from_scores
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -382,3 +386,167 @@ def test_realdata_gsm8k_extracts_every_final_number():
 def test_realdata_math_train_sample_loads_with_answers():
     rows = tasks.load_jsonl(realdata("math_train_sample.jsonl"))
     assert len(rows) == 1000 and all(r["answer"] is not None and r["domain"] for r in rows)
+
+
+
+# ---- real models: tiny random Llama, Qwen2, GPT-2 and GPT-NeoX saved as Hugging Face folders, MATH-style data
+
+CHAT = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<eos>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+ARCHS = {"llama": ("q_proj", "v_proj"), "qwen2": ("q_proj", "v_proj"), "gpt2": ("c_attn",),   # arch: its LoRA
+         "gpt_neox": ("query_key_value",)}                                                      # targets by default
+
+
+def char_tokenizer_with_eos():
+    tok = base_model.build_tokenizer()
+    tok.add_special_tokens({"eos_token": "<eos>"})
+    return tok
+
+
+def tiny_hf_model(arch, tok):
+    """A 2-layer, width-32 random model of the given architecture, sized to the tokenizer."""
+    ids = dict(vocab_size=len(tok), eos_token_id=tok.eos_token_id, bos_token_id=None, pad_token_id=tok.pad_token_id)
+    if arch == "gpt2":
+        config = GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=2048, **ids)
+    else:
+        config = {"llama": LlamaConfig, "qwen2": Qwen2Config, "gpt_neox": GPTNeoXConfig}[arch](
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1 if arch == "qwen2" else 2,
+            intermediate_size=64, max_position_embeddings=2048, **ids)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def hf_models(tmp_path_factory):
+    """{arch: folder}; the instruct-style families (Llama, Qwen2) get a chat template, the others plain prompts."""
+    folders = {}
+    for arch in ARCHS:
+        tok = char_tokenizer_with_eos()
+        if arch in ("llama", "qwen2"):
+            tok.chat_template = CHAT
+        folders[arch] = str(tmp_path_factory.mktemp(arch))
+        base_model.save(tiny_hf_model(arch, tok), tok, folders[arch])
+    return folders
+
+
+MATH_ROWS = [{"problem": f"What is ${a}+{b}$?", "solution": f"We add: ${a}+{b}={a + b}$, so the answer is $\\boxed{{{a + b}}}$.",
+              "subject": subject, "level": 1}
+             for (a, b), subject in zip([(1, 2), (3, 4), (5, 6), (7, 8), (2, 9), (4, 4)],
+                                        ["Algebra", "Prealgebra", "Algebra", "Number Theory", "Prealgebra", "Algebra"])]
+
+
+@pytest.fixture
+def math_jsonl(tmp_path):
+    path = tmp_path / "small.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in MATH_ROWS))
+    return str(path)
+
+
+QUICK = ["--preset", "tiny", "--m", "2", "--K", "1", "--max-new", "16"]
+
+
+def test_gpt2_functional_lora_equals_explicitly_merged_conv1d_weight():
+    tok = char_tokenizer_with_eos()
+    model = tiny_hf_model("gpt2", tok)
+    ids = tok("\n23+45=68\n", return_tensors="pt")["input_ids"]
+    phi, scale = random_adapter(model), 1.5
+    assert lora_targets(model) == ["transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn"]
+    merged = tiny_hf_model("gpt2", tok)
+    for name in lora_targets(model):   # Conv1D stores W as (in, out): W' = W + scale * (B @ A)^T
+        assert merged.get_submodule(name).weight.shape == (32, 96) and phi[f"{name}.B"].shape == (96, 2)
+        merged.get_submodule(name).weight.data += scale * (phi[f"{name}.B"] @ phi[f"{name}.A"]).T
+    assert torch.allclose(forward(model, [phi], scale, ids), merged(input_ids=ids).logits, atol=1e-5)
+    assert not torch.allclose(forward(model, [phi], scale, ids), model(input_ids=ids).logits, atol=1e-3)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_lora_targets_by_family(arch):
+    model = tiny_hf_model(arch, char_tokenizer_with_eos())
+    found = lora_targets(model)                                  # 2 layers, each with the family's modules
+    assert len(found) == 2 * len(ARCHS[arch]) and {n.split(".")[-1] for n in found} == set(ARCHS[arch])
+    assert len(lora_targets(model, "up_proj,dense_4h_to_h,c_fc")) == 2      # an override: each family's MLP layer
+
+
+def test_lora_targets_without_a_match_name_the_model_and_the_names_tried():
+    with pytest.raises(ValueError, match=r"'q_proj'.*'c_attn'.*'query_key_value'.* in Sequential"):
+        lora_targets(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+    with pytest.raises(ValueError, match=r"'wq'.*LlamaForCausalLM"):
+        lora_targets(tiny_hf_model("llama", char_tokenizer_with_eos()), "wq")
+
+
+@pytest.mark.parametrize("text, parsed", [
+    ("Problem: What is 2+3?\nSolution: 2+3=5, so $\\boxed{5}$.", ("What is 2+3?", "2+3=5, so $\\boxed{5}$.")),
+    ("Sure!\n**Problem:** Find x.\n**Solution:** x = 2, so \\boxed{2}", ("Find x.", "x = 2, so \\boxed{2}")),
+    ("Problem: a train problem\nSolution: 3 hours\n#### 3", ("a train problem", "3 hours\n#### 3")),
+    ("Problem: What is 2+3?\nSolution: it is 5.", None),                        # no final answer
+    ("Problem: \nSolution: \\boxed{5}", None),                                  # no problem
+    ("Problem: What is 2+3? \\boxed{5}", None),                                 # no solution part
+])
+def test_worked_examples_parse(text, parsed):
+    assert generator.parse_worked(text) == parsed
+
+
+def test_chat_prompt_has_one_bos_and_plain_prompt_without_template():
+    tok = char_tokenizer_with_eos()
+    assert generator.chat(tok, "hi") == "hi\n\n"
+    tok.add_special_tokens({"bos_token": "<bos>"})
+    tok._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", special_tokens=[("<bos>", tok.bos_token_id)])      # the tokenizer adds BOS, as Llama 3's
+    tok.chat_template = "{{ bos_token }}" + CHAT                               # and so does the template
+    ids = tok(generator.chat(tok, "hi"))["input_ids"]
+    assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
+    assert tok.decode(ids[1:]) == "<|user|>\nhi<eos>\n<|assistant|>\n"
+
+
+def test_natural_sft_example_trains_on_its_solution_and_eos(hf_models):
+    model, tok = base_model.load(hf_models["llama"])
+    example = {"valid": True, "problem": "What is 1+2?", "answer": "1+2=3, so \\boxed{3}.", "greedy": "It is \\boxed{3.0}"}
+    valid, prompts, answers, consistent = training_pairs([example], "sample", tok, natural=True)
+    assert prompts == ["<|user|>\n" + generator.SOLVE.format(problem="What is 1+2?") + "<eos>\n<|assistant|>\n"]
+    assert consistent == [True]                              # the greedy final answer 3.0 agrees with 3
+    batch = encode(tok, prompts, answers)
+    assert tok.decode(batch["ids"][0][batch["mask"][0] == 1]) == "1+2=3, so \\boxed{3}.<eos>"
+    assert encode(tok, prompts, answers, max_len=20)["ids"].shape == (1, 20)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_train_real_model_end_to_end(arch, hf_models, math_jsonl, tmp_path):
+    out = tmp_path / "run"
+    train.main(train.parse_args(["--model", hf_models[arch], "--data", math_jsonl, "--out", str(out), *QUICK]))
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["methods"]) == {"no_adapt", "random_ttt", "self_uniform", "scorer_only", "mass"}
+    assert "oracle" in results["not_applicable"]
+    overall = results["methods"]["random_ttt"]["overall"]
+    assert overall["n"] == 6 and overall["dnll"] != 0.0      # adapting on real rows moved the reference's NLL
+    assert set(results["methods"]["no_adapt"]["by_domain"]) == {"Algebra", "Prealgebra", "Number Theory"}
+    assert {n.split(".")[-2] for n in torch.load(out / "psi.pt")} == set(ARCHS[arch])   # "<module>.A" and ".B"
+    assert (out / "metrics.jsonl").exists() and not (out / "base").exists()
+
+
+def test_train_real_model_with_valid_examples(hf_models, math_jsonl, tmp_path, monkeypatch):
+    """A random model writes no valid worked example, so decoding is replaced by one canned reply: the meta-step
+    then runs on natural-language examples, and grading counts exactly the one target whose answer is 3."""
+    reply = "Problem: What is $1+2$?\nSolution: $1+2=3$, so $\\boxed{3}$."
+    canned = lambda model, adapters, scale, tok, prompts, *args, **kwargs: [reply] * len(prompts)
+    monkeypatch.setattr(generator, "decode", canned)
+    monkeypatch.setattr(evaluate, "decode", canned)
+    out = tmp_path / "run"
+    train.main(train.parse_args(["--model", hf_models["qwen2"], "--data", math_jsonl, "--out", str(out), *QUICK]))
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["skipped"] == 0 and r["valid"] == 1.0 and "correct" not in r for r in logged)
+    methods = json.loads((out / "results.json").read_text())["methods"]
+    assert all(m["overall"]["acc"] == pytest.approx(1 / 6) for m in methods.values())
+    assert methods["self_uniform"]["overall"]["dnll"] != 0.0 and methods["mass"]["overall"]["dnll"] != 0.0
+
+
+def test_evaluate_real_model_without_a_run(hf_models, tmp_path):
+    rows = tasks.load_jsonl(realdata("math500_test.jsonl"))[:5]
+    out = tmp_path / "eval"
+    done = subprocess.run([sys.executable, os.path.join(HERE, "evaluate.py"), "--model", hf_models["llama"],
+                           "--eval-data", realdata("math500_test.jsonl"), "--limit", "5", "--out", str(out), *QUICK],
+                          check=True, cwd=HERE, capture_output=True, text=True)
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["methods"]) == {"no_adapt", "random_ttt", "self_uniform"}
+    assert results["methods"]["no_adapt"]["overall"]["n"] == 5
+    assert set(results["methods"]["no_adapt"]["by_domain"]) == {r["domain"] for r in rows}
+    assert all(re.search(rf"^{re.escape(r['domain'])}\s+\d", done.stdout, re.M) for r in rows)   # a row per subject

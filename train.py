@@ -4,6 +4,7 @@ then evaluate test-time adaptation on held-out targets.
 
     python train.py                  # the embedded demo: everything under runs/default
     python train.py --preset tiny    # the same path on a tiny configuration, in seconds
+    python train.py --model DIR --data math_train.jsonl --eval-data math500_test.jsonl   # a real LM (README)
     python train.py --help           # every setting
 """
 import argparse
@@ -36,7 +37,15 @@ class Config:
     out: str = arg("runs/default", "folder for everything the run writes (base model, checkpoints, logs, results)")
     preset: str = arg("default", "default | tiny (seconds, for tests) | full (longer, larger)")
     seed: int = arg(0, "seed of every random choice")
-    device: str = arg("cpu", "torch device")
+    device: str = arg("cpu", "torch device: cpu | cuda | auto (cuda when available)")
+    dtype: str = arg("float32", "float32 | bfloat16: the base model's weights (adapters and scorer stay float32)")
+    # a real model and real data (instead of the toy base and world)
+    model: str = arg("", "a local Hugging Face causal LM folder, used instead of building and pretraining the toy base")
+    data: str = arg("", "MATH/GSM8K JSONL of meta-training targets, instead of the toy world")
+    eval_data: str = arg("", "MATH/GSM8K JSONL of held-out targets (default: the --data rows, which are not held out)")
+    limit: int = arg(0, "real data: evaluate the first N rows of the evaluation file (0: --eval-targets of them)")
+    outer_target: str = arg("solution", "real data: L_out on the reference solution | answer (\\boxed{answer} alone)")
+    max_len: int = arg(1024, "longest sequence in a loss, in tokens; a longer one loses its tail (a long solution)")
     # base model (the stand-in for a pretrained LLM)
     hidden: int = arg(128, "hidden size of the tiny Llama")
     layers: int = arg(4, "transformer layers")
@@ -56,7 +65,8 @@ class Config:
     inner_clip: float = arg(0.0, "clip each inner step's gradient norm to this, a guard against wrecking updates (0: off)")
     lora_rank: int = arg(4, "rank of the inner adapter phi and the generator adapter psi")
     lora_alpha: float = arg(4.0, "LoRA scale numerator: the update is (lora_alpha / lora_rank) B A")
-    lora_modules: str = arg("q_proj,v_proj", "comma-separated names of the linear layers that get adapters")
+    lora_modules: str = arg("auto", "comma-separated names of the linear layers that get adapters; auto: by family "
+                                    "(q_proj,v_proj | c_attn | query_key_value)")
     meta_grad: str = arg("unroll", "meta-gradient mode: unroll (keep all K steps' graph) | replay (one step's)")
     # meta-training: eqs. 3-5
     meta_steps: int = arg(150, "meta-training steps (each one Adam step of eta and psi)")
@@ -74,6 +84,11 @@ class Config:
     @property
     def lora_scale(self):
         return self.lora_alpha / self.lora_rank
+
+    @property
+    def natural(self):
+        """Real problems in natural language, answered with worked solutions (else the toy world's one-liners)."""
+        return bool(self.data or self.eval_data)
 
 
 PRESETS = {
@@ -93,7 +108,13 @@ def parse_args(argv=None):
     preset = given.get("preset", "default")
     if preset not in PRESETS:
         parser.error(f"--preset must be one of {', '.join(PRESETS)}, not {preset!r}")
-    return Config(**{**PRESETS[preset], **given})
+    cfg = Config(**{**PRESETS[preset], **given})
+    for name, allowed in (("dtype", base_model.DTYPES), ("outer_target", ("solution", "answer"))):
+        if getattr(cfg, name) not in allowed:
+            parser.error(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, not {getattr(cfg, name)!r}")
+    if cfg.eval_data and not cfg.data and cfg.meta_steps > 0:
+        parser.error("--eval-data needs --data to meta-train on (or --meta-steps 0)")
+    return cfg
 
 
 def load_or_pretrain_base(cfg):
@@ -101,24 +122,25 @@ def load_or_pretrain_base(cfg):
     folder = os.path.join(cfg.out, "base")
     if os.path.exists(os.path.join(folder, "config.json")):
         print(f"reusing the pretrained base model in {folder}")
-        return base_model.load(folder, cfg.device)
+        return base_model.load(folder, cfg.device, cfg.dtype)
     tok = base_model.build_tokenizer()
     model = base_model.build_model(len(tok), cfg.hidden, cfg.layers, cfg.heads, cfg.intermediate, seed=cfg.seed)
     base_model.pretrain(model.to(cfg.device), tok, cfg.pretrain_steps, cfg.pretrain_batch, lr=cfg.pretrain_lr,
                         block_share=cfg.block_share, seed=cfg.seed, device=cfg.device)
     base_model.save(model, tok, folder)
-    return base_model.load(folder, cfg.device)
+    return base_model.load(folder, cfg.device, cfg.dtype)
 
 
 def main(cfg):
+    cfg.device = base_model.pick_device(cfg.device)
     os.makedirs(cfg.out, exist_ok=True)
     with open(os.path.join(cfg.out, "config.json"), "w") as f:
         json.dump(dataclasses.asdict(cfg), f, indent=1)
     torch.manual_seed(cfg.seed)
-    model, tok = load_or_pretrain_base(cfg)
+    model, tok = base_model.load(cfg.model, cfg.device, cfg.dtype) if cfg.model else load_or_pretrain_base(cfg)
 
     # ---- the learned parts: scorer eta, generator adapter psi; phi_0, the inner adapter's fixed start
-    targets = lora_targets(model, cfg.lora_modules.split(","))
+    targets = lora_targets(model, cfg.lora_modules)
     eta = Scorer(model.config.hidden_size, cfg.scorer_width).to(cfg.device)
     psi = {n: p.requires_grad_() for n, p in init_lora(model, targets, cfg.lora_rank, seed=cfg.seed).items()}
     phi0 = init_lora(model, targets, cfg.lora_rank, seed=cfg.seed + 1)
@@ -126,7 +148,11 @@ def main(cfg):
     psi_opt = torch.optim.Adam(psi.values(), lr=cfg.psi_lr)
 
     # ---- meta-training: each step, a meta-batch of targets; one Adam step of eta and psi
-    stream = tasks.train_targets(random.Random(cfg.seed))
+    rng = random.Random(cfg.seed)
+    if cfg.data:
+        stream = tasks.row_targets(tasks.load_jsonl(cfg.data), rng, cfg.outer_target)
+    else:
+        stream = tasks.train_targets(rng)
     running = {"improvement": 0.0,   # running mean of L_before - L_after, the baseline of the improvement reward
                "g_norm": None}       # running mean of |dL_out/dw|, the typical scale of the attribution
     log_path = os.path.join(cfg.out, "metrics.jsonl")
@@ -137,9 +163,9 @@ def main(cfg):
         start = time.time()
         rows = []
         for i in range(cfg.meta_batch):
-            _, target, answer = next(stream)
+            _, target, reference = next(stream)
             gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + (step - 1) * cfg.meta_batch + i)
-            rows.append(meta_step(model, tok, eta, psi, phi0, target, answer, cfg, gen,
+            rows.append(meta_step(model, tok, eta, psi, phi0, target, reference, cfg, gen,
                                   running, grad_scale=1 / cfg.meta_batch))
         for r in rows:  # the running means move once per step, so every target of a step sees the same ones
             if not r["skipped"]:
