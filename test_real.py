@@ -1,0 +1,327 @@
+"""
+Tests of the real-data path: MATH/GSM8K answer extraction, equivalence and loading (on ../shared/realdata when
+present), and tiny random Llama, Qwen2, GPT-2 and GPT-NeoX models saved as Hugging Face folders.
+
+    python -m pytest -q test_real.py
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from tokenizers import processors
+from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig, Qwen2Config
+
+import base_model
+import evaluate
+import generator
+import tasks
+import train
+from inner_loop import encode, forward, lora_targets
+from meta_step import training_pairs
+from test_mass import random_adapter
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+# ---- real data: extraction, equivalence, loading
+
+REALDATA = os.path.join(HERE, "..", "shared", "realdata")
+
+
+@pytest.mark.parametrize("text, answer", [
+    ("so $\\boxed{5}$.", "5"),
+    ("first \\boxed{2}, then \\boxed{4}", "4"),                                   # the last box wins
+    ("$\\boxed{\\frac{\\sqrt{3}}{2}}$", "\\frac{\\sqrt{3}}{2}"),                  # nested braces
+    ("\\boxed{\\{1\\pm\\sqrt{5},-2\\}}", "\\{1\\pm\\sqrt{5},-2\\}"),              # escaped braces inside
+    ("the answer is \\fbox{(1,2)}", "(1,2)"),
+    ("so $\\boxed 7$ pencils", "7"),                                             # \boxed without braces
+    ("half \\boxed{\\frac12", None),                                             # never closed
+    ("Janet makes 9 * 2 = $<<9*2=18>>18\n#### 18", "18"),
+    ("#### 1,000", "1000"),                                                      # GSM8K thousands comma
+    ("so -3 dollars\n#### -3", "-3"),
+    ("no final answer here", None),
+    (None, None),
+])
+def test_extract_answer(text, answer):
+    assert tasks.extract_answer(text) == answer
+
+
+@pytest.mark.parametrize("pred, gold, same", [
+    ("\\frac{1}{2}", "\\dfrac{1}{2}", True),
+    ("\\frac12", "\\frac{1}{2}", True),
+    ("\\frac1b", "\\frac{1}{b}", True),
+    ("\\tfrac{3}{4}", "0.75", True),
+    ("0.5", "\\frac{1}{2}", True),
+    ("1/2", "\\frac{1}{2}", True),
+    ("-\\frac{1}{2}", "-0.5", True),
+    ("\\sqrt3", "\\sqrt{3}", True),
+    ("2\\sqrt2", "2 \\sqrt{2}", True),
+    ("5\\text{ cm}", "5", True),
+    ("864 \\mbox{ inches}^2", "864", True),
+    ("\\frac{270}7\\text{ degrees}", "\\frac{270}{7}", True),
+    ("\\text{(C)}", "C", True),
+    ("\\text{Evelyn}", "Evelyn", True),
+    ("90^\\circ", "90", True),
+    ("90^{\\circ}", "90", True),
+    ("\\$18.90", "18.9", True),
+    ("50\\%", "50", True),
+    ("50%", "50", True),
+    ("1,000", "1000", True),
+    ("10,\\!080", "10080", True),
+    ("11,\\! 111,\\! 111,\\! 100", "11111111100", True),
+    ("10{,}000", "10000", True),
+    ("x = 5", "5", True),
+    ("k=-3", "-3", True),
+    ("5.", "5", True),
+    ("\\left( 3, \\frac{\\pi}{2} \\right)", "(3,\\frac{\\pi}{2})", True),
+    ("[2, 5)", "[2,5)", True),
+    ("(-\\infty, 0]", "(-\\infty,0]", True),
+    ("-7", "-7.0", True),
+    ("3\\!\\cdot\\!4", "3\\cdot4", True),
+    ("(1,2)", "(2,1)", False),                                                  # order matters in a tuple
+    ("(1,2)", "12", False),                                                     # a tuple is not a number
+    ("[2,5)", "(2,5)", False),                                                  # open vs closed interval
+    ("0.33", "\\frac{1}{3}", False),                                            # close is not equal
+    ("-5", "5", False),
+    ("\\sqrt{2}", "\\sqrt{3}", False),
+    ("\\frac{1}{2}", "\\frac{2}{1}", False),
+    ("x+1", "x-1", False),
+    ("1/0", "\\frac{1}{0}", False),                                             # not numbers: no division by 0
+    ("1/0", "2/0", False),
+    ("1" + "0" * 400, "2" + "0" * 400, False),                                  # beyond float range: not both inf
+    (None, "5", False),
+    ("5", None, False),
+    ("", "", False),
+    ("\\boxed{", "}}{{", False),                                                # garbage: False, no error
+])
+def test_is_equiv(pred, gold, same):
+    assert tasks.is_equiv(pred, gold) is same
+    assert tasks.is_equiv(gold, pred) is same
+
+
+def test_load_jsonl_reads_both_formats_and_skips_blank_lines(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    rows = [{"problem": "1+1?", "solution": "It is $\\boxed{2}$.", "type": "Algebra", "level": "Level 1"},
+            {"problem": "2+2?", "solution": "4", "answer": "4", "subject": "Prealgebra", "level": 1},
+            {"question": "How many?", "answer": "Some.\n#### 1,200"}]
+    path.write_text("\n".join(json.dumps(r) for r in rows[:2]) + "\n\n" + json.dumps(rows[2]) + "\n", encoding="utf-8")
+    assert tasks.load_jsonl(str(path)) == [
+        {"domain": "Algebra", "problem": "1+1?", "solution": "It is $\\boxed{2}$.", "answer": "2"},
+        {"domain": "Prealgebra", "problem": "2+2?", "solution": "4", "answer": "4"},
+        {"domain": "gsm8k", "problem": "How many?", "solution": "Some.\n#### 1,200", "answer": "1200"}]
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "no such file"),
+    (b"", "empty file"),
+    (b"\n  \n", "empty file"),
+    (b'{"question": "q", "answer": "#### 1"}\n{"question": "caf\xe9"}\n', ":2: not UTF-8"),
+    (b'{"question": "q", "answer": "#### 1"}\n\n{"question": \n', ":3: not JSON"),
+    (b'[1, 2]\n', ":1: a row must be a JSON object"),
+    (b'{"problem": "p", "type": "Algebra"}\n', ":1: missing or non-string field(s) solution"),
+    (b'{"problem": "p", "solution": "s"}\n', ":1: missing or non-string field(s) type"),
+    (b'{"problem": "p", "solution": "no box", "type": "Algebra"}\n', ":1: no 'answer' field"),
+    (b'{"question": "q"}\n', ":1: missing or non-string field(s) answer"),
+    (b'{"question": "q", "answer": "just 5"}\n', ":1: the GSM8K answer has no final '#### N'"),
+    (b'{"text": "hello"}\n', ":1: neither MATH"),
+])
+def test_load_jsonl_errors_name_file_and_line(tmp_path, content, message):
+    path = tmp_path / "data.jsonl"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(ValueError) as error:
+        tasks.load_jsonl(str(path))
+    assert str(path) in str(error.value) and message in str(error.value) and "\n" not in str(error.value)
+
+
+def realdata(name):
+    """The path of a file of ../shared/realdata, or a clean skip where that folder is absent."""
+    if not os.path.isdir(REALDATA):
+        pytest.skip(f"no real data at {REALDATA}")
+    return os.path.join(REALDATA, name)
+
+
+def test_realdata_math500_extraction_agrees_with_answers():
+    rows = tasks.load_jsonl(realdata("math500_test.jsonl"))
+    wrong = [r["answer"] for r in rows if not tasks.is_equiv(tasks.extract_answer(r["solution"]), r["answer"])]
+    assert len(rows) == 500 and len(wrong) <= 1, wrong
+
+
+def test_realdata_gsm8k_extracts_every_final_number():
+    rows = tasks.load_jsonl(realdata("gsm8k_test.jsonl"))
+    finals = [r["solution"].split("####")[-1].strip().replace(",", "") for r in rows]
+    assert len(rows) == 1319 and [tasks.extract_answer(r["solution"]) for r in rows] == finals
+    assert all(r["answer"] == f and r["domain"] == "gsm8k" and re.fullmatch(r"-?\d+", f) for r, f in zip(rows, finals))
+
+
+def test_realdata_math_train_sample_loads_with_answers():
+    rows = tasks.load_jsonl(realdata("math_train_sample.jsonl"))
+    assert len(rows) == 1000 and all(r["answer"] is not None and r["domain"] for r in rows)
+
+
+
+# ---- real models: tiny random Llama, Qwen2, GPT-2 and GPT-NeoX saved as Hugging Face folders, MATH-style data
+
+CHAT = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<eos>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+ARCHS = {"llama": ("q_proj", "v_proj"), "qwen2": ("q_proj", "v_proj"), "gpt2": ("c_attn",),   # arch: its LoRA
+         "gpt_neox": ("query_key_value",)}                                                      # targets by default
+
+
+def char_tokenizer_with_eos():
+    tok = base_model.build_tokenizer()
+    tok.add_special_tokens({"eos_token": "<eos>"})
+    return tok
+
+
+def tiny_hf_model(arch, tok):
+    """A 2-layer, width-32 random model of the given architecture, sized to the tokenizer."""
+    ids = dict(vocab_size=len(tok), eos_token_id=tok.eos_token_id, bos_token_id=None, pad_token_id=tok.pad_token_id)
+    if arch == "gpt2":
+        config = GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=2048, **ids)
+    else:
+        config = {"llama": LlamaConfig, "qwen2": Qwen2Config, "gpt_neox": GPTNeoXConfig}[arch](
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1 if arch == "qwen2" else 2,
+            intermediate_size=64, max_position_embeddings=2048, **ids)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def hf_models(tmp_path_factory):
+    """{arch: folder}; the instruct-style families (Llama, Qwen2) get a chat template, the others plain prompts."""
+    folders = {}
+    for arch in ARCHS:
+        tok = char_tokenizer_with_eos()
+        if arch in ("llama", "qwen2"):
+            tok.chat_template = CHAT
+        folders[arch] = str(tmp_path_factory.mktemp(arch))
+        base_model.save(tiny_hf_model(arch, tok), tok, folders[arch])
+    return folders
+
+
+MATH_ROWS = [{"problem": f"What is ${a}+{b}$?", "solution": f"We add: ${a}+{b}={a + b}$, so the answer is $\\boxed{{{a + b}}}$.",
+              "subject": subject, "level": 1}
+             for (a, b), subject in zip([(1, 2), (3, 4), (5, 6), (7, 8), (2, 9), (4, 4)],
+                                        ["Algebra", "Prealgebra", "Algebra", "Number Theory", "Prealgebra", "Algebra"])]
+
+
+@pytest.fixture
+def math_jsonl(tmp_path):
+    path = tmp_path / "small.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in MATH_ROWS))
+    return str(path)
+
+
+QUICK = ["--preset", "tiny", "--m", "2", "--K", "1", "--max-new", "16"]
+
+
+def test_gpt2_functional_lora_equals_explicitly_merged_conv1d_weight():
+    tok = char_tokenizer_with_eos()
+    model = tiny_hf_model("gpt2", tok)
+    ids = tok("\n23+45=68\n", return_tensors="pt")["input_ids"]
+    phi, scale = random_adapter(model), 1.5
+    assert lora_targets(model) == ["transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn"]
+    merged = tiny_hf_model("gpt2", tok)
+    for name in lora_targets(model):   # Conv1D stores W as (in, out): W' = W + scale * (B @ A)^T
+        assert merged.get_submodule(name).weight.shape == (32, 96) and phi[f"{name}.B"].shape == (96, 2)
+        merged.get_submodule(name).weight.data += scale * (phi[f"{name}.B"] @ phi[f"{name}.A"]).T
+    assert torch.allclose(forward(model, [phi], scale, ids), merged(input_ids=ids).logits, atol=1e-5)
+    assert not torch.allclose(forward(model, [phi], scale, ids), model(input_ids=ids).logits, atol=1e-3)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_lora_targets_by_family(arch):
+    model = tiny_hf_model(arch, char_tokenizer_with_eos())
+    found = lora_targets(model)                                  # 2 layers, each with the family's modules
+    assert len(found) == 2 * len(ARCHS[arch]) and {n.split(".")[-1] for n in found} == set(ARCHS[arch])
+    assert len(lora_targets(model, "up_proj,dense_4h_to_h,c_fc")) == 2      # an override: each family's MLP layer
+
+
+def test_lora_targets_without_a_match_name_the_model_and_the_names_tried():
+    with pytest.raises(ValueError, match=r"'q_proj'.*'c_attn'.*'query_key_value'.* in Sequential"):
+        lora_targets(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+    with pytest.raises(ValueError, match=r"'wq'.*LlamaForCausalLM"):
+        lora_targets(tiny_hf_model("llama", char_tokenizer_with_eos()), "wq")
+
+
+@pytest.mark.parametrize("text, parsed", [
+    ("Problem: What is 2+3?\nSolution: 2+3=5, so $\\boxed{5}$.", ("What is 2+3?", "2+3=5, so $\\boxed{5}$.")),
+    ("Sure!\n**Problem:** Find x.\n**Solution:** x = 2, so \\boxed{2}", ("Find x.", "x = 2, so \\boxed{2}")),
+    ("Problem: a train problem\nSolution: 3 hours\n#### 3", ("a train problem", "3 hours\n#### 3")),
+    ("Problem: What is 2+3?\nSolution: it is 5.", None),                        # no final answer
+    ("Problem: \nSolution: \\boxed{5}", None),                                  # no problem
+    ("Problem: What is 2+3? \\boxed{5}", None),                                 # no solution part
+])
+def test_worked_examples_parse(text, parsed):
+    assert generator.parse_worked(text) == parsed
+
+
+def test_chat_prompt_has_one_bos_and_plain_prompt_without_template():
+    tok = char_tokenizer_with_eos()
+    assert generator.chat(tok, "hi") == "hi\n\n"
+    tok.add_special_tokens({"bos_token": "<bos>"})
+    tok._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", special_tokens=[("<bos>", tok.bos_token_id)])      # the tokenizer adds BOS, as Llama 3's
+    tok.chat_template = "{{ bos_token }}" + CHAT                               # and so does the template
+    ids = tok(generator.chat(tok, "hi"))["input_ids"]
+    assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
+    assert tok.decode(ids[1:]) == "<|user|>\nhi<eos>\n<|assistant|>\n"
+
+
+def test_natural_sft_example_trains_on_its_solution_and_eos(hf_models):
+    model, tok = base_model.load(hf_models["llama"])
+    example = {"valid": True, "problem": "What is 1+2?", "answer": "1+2=3, so \\boxed{3}.", "greedy": "It is \\boxed{3.0}"}
+    valid, prompts, answers, consistent = training_pairs([example], "sample", tok, natural=True)
+    assert prompts == ["<|user|>\n" + generator.SOLVE.format(problem="What is 1+2?") + "<eos>\n<|assistant|>\n"]
+    assert consistent == [True]                              # the greedy final answer 3.0 agrees with 3
+    batch = encode(tok, prompts, answers)
+    assert tok.decode(batch["ids"][0][batch["mask"][0] == 1]) == "1+2=3, so \\boxed{3}.<eos>"
+    assert encode(tok, prompts, answers, max_len=20)["ids"].shape == (1, 20)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_train_real_model_end_to_end(arch, hf_models, math_jsonl, tmp_path):
+    out = tmp_path / "run"
+    train.main(train.parse_args(["--model", hf_models[arch], "--data", math_jsonl, "--out", str(out), *QUICK]))
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["methods"]) == {"no_adapt", "random_ttt", "self_uniform", "scorer_only", "mass"}
+    assert "oracle" in results["not_applicable"]
+    overall = results["methods"]["random_ttt"]["overall"]
+    assert overall["n"] == 6 and overall["dnll"] != 0.0      # adapting on real rows moved the reference's NLL
+    assert set(results["methods"]["no_adapt"]["by_domain"]) == {"Algebra", "Prealgebra", "Number Theory"}
+    assert {n.split(".")[-2] for n in torch.load(out / "psi.pt")} == set(ARCHS[arch])   # "<module>.A" and ".B"
+    assert (out / "metrics.jsonl").exists() and not (out / "base").exists()
+
+
+def test_train_real_model_with_valid_examples(hf_models, math_jsonl, tmp_path, monkeypatch):
+    """A random model writes no valid worked example, so decoding is replaced by one canned reply: the meta-step
+    then runs on natural-language examples, and grading counts exactly the one target whose answer is 3."""
+    reply = "Problem: What is $1+2$?\nSolution: $1+2=3$, so $\\boxed{3}$."
+    canned = lambda model, adapters, scale, tok, prompts, *args, **kwargs: [reply] * len(prompts)
+    monkeypatch.setattr(generator, "decode", canned)
+    monkeypatch.setattr(evaluate, "decode", canned)
+    out = tmp_path / "run"
+    train.main(train.parse_args(["--model", hf_models["qwen2"], "--data", math_jsonl, "--out", str(out), *QUICK]))
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["skipped"] == 0 and r["valid"] == 1.0 and "correct" not in r for r in logged)
+    methods = json.loads((out / "results.json").read_text())["methods"]
+    assert all(m["overall"]["acc"] == pytest.approx(1 / 6) for m in methods.values())
+    assert methods["self_uniform"]["overall"]["dnll"] != 0.0 and methods["mass"]["overall"]["dnll"] != 0.0
+
+
+def test_evaluate_real_model_without_a_run(hf_models, tmp_path):
+    rows = tasks.load_jsonl(realdata("math500_test.jsonl"))[:5]
+    out = tmp_path / "eval"
+    done = subprocess.run([sys.executable, os.path.join(HERE, "evaluate.py"), "--model", hf_models["llama"],
+                           "--eval-data", realdata("math500_test.jsonl"), "--limit", "5", "--out", str(out), *QUICK],
+                          check=True, cwd=HERE, capture_output=True, text=True)
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["methods"]) == {"no_adapt", "random_ttt", "self_uniform"}
+    assert results["methods"]["no_adapt"]["overall"]["n"] == 5
+    assert set(results["methods"]["no_adapt"]["by_domain"]) == {r["domain"] for r in rows}
+    assert all(re.search(rf"^{re.escape(r['domain'])}\s+\d", done.stdout, re.M) for r in rows)   # a row per subject
