@@ -325,3 +325,7 @@ def test_evaluate_real_model_without_a_run(hf_models, tmp_path):
     assert results["methods"]["no_adapt"]["overall"]["n"] == 5
     assert set(results["methods"]["no_adapt"]["by_domain"]) == {r["domain"] for r in rows}
     assert all(re.search(rf"^{re.escape(r['domain'])}\s+\d", done.stdout, re.M) for r in rows)   # a row per subject
+
+
+def test_lora_targets_option_is_an_alias_of_lora_modules():
+    assert train.parse_args(["--lora-targets", "c_attn"]).lora_modules == "c_attn"

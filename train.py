@@ -101,9 +101,10 @@ PRESETS = {
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    aliases = {"lora_modules": ["--lora-targets"]}
     for f in dataclasses.fields(Config):
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=None,
-                            help=f"{f.metadata['help']} (default: {f.default})")
+        parser.add_argument(f"--{f.name.replace('_', '-')}", *aliases.get(f.name, []), dest=f.name,
+                            type=type(f.default), default=None, help=f"{f.metadata['help']} (default: {f.default})")
     given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     preset = given.get("preset", "default")
     if preset not in PRESETS:
