@@ -25,6 +25,7 @@ import os
 import random
 
 import torch
+from tqdm import tqdm
 
 import base_model
 import tasks
@@ -230,7 +231,6 @@ def heldout(cfg):
 def run(model, tok, eta, psi, phi0, cfg, out, trained=True):
     """Evaluates every method that makes sense on the held-out targets; prints tables, writes results.json.
     trained: eta and psi come from meta-training (else only no_adapt, random_ttt and self_uniform are run)."""
-    from tqdm import tqdm
     methods = methods_for(cfg, trained)
     targets, rows = heldout(cfg)
     per_target, diags = [], []

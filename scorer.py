@@ -44,11 +44,12 @@ def weights_from_scores(scores):
 
 @torch.no_grad()
 def pooled(model, tok, texts):
-    """Mean of the last hidden layer over each text's tokens, unit length: (n, d)."""
+    """Mean of the last hidden layer over each text's tokens, unit length (n, d), and the logits (n, L, V)."""
     batch = encode(tok, [""] * len(texts), texts, model.device)       # mask = every real token
-    hidden = model(input_ids=batch["ids"], output_hidden_states=True, use_cache=False).hidden_states[-1]
+    out = model(input_ids=batch["ids"], output_hidden_states=True, use_cache=False)
+    hidden = out.hidden_states[-1]                                    # (n, L, d)
     mean = (hidden * batch["mask"][..., None]).sum(1) / batch["mask"].sum(1, keepdim=True)
-    return F.normalize(mean.float(), dim=-1)
+    return F.normalize(mean.float(), dim=-1), out.logits
 
 
 @torch.no_grad()
@@ -64,11 +65,11 @@ def features(model, tok, target_prompt, prompts, answers, consistent):
     mean_logp = (token_logp * mask).sum(1) / n_tokens
     min_logp = token_logp.masked_fill(mask == 0, 0.0).min(1).values
     consistent = torch.tensor(consistent, dtype=torch.float32, device=model.device)
-    h = pooled(model, tok, [p + a.strip() for p, a in zip(prompts, answers)])      # (m, d)
-    h_target = pooled(model, tok, [target_prompt]).expand_as(h)                     # (m, d)
+    h, _ = pooled(model, tok, [p + a.strip() for p, a in zip(prompts, answers)])   # (m, d)
+    h_target, target_logits = pooled(model, tok, [target_prompt])                   # (1, d), (1, L, V)
+    h_target = h_target.expand_as(h)                                                # (m, d)
     cosine = (h * h_target).sum(1)
-    target_ids = encode(tok, [target_prompt], [""], model.device)["ids"]
-    target_confidence = F.log_softmax(forward(model, [], 1.0, target_ids)[0, -1].float(), -1).max()
+    target_confidence = F.log_softmax(target_logits[0, -1].float(), -1).max()    # the base's certainty on T
     scalars = torch.stack([mean_logp.clamp(min=-10) / 2, min_logp.clamp(min=-10) / 2, 2 * consistent - 1,
                            cosine, torch.log(n_tokens) - 1, target_confidence.expand_as(cosine)], dim=1)  # (m, N_SCALARS)
     return torch.cat([scalars, h, h_target], dim=1)
