@@ -28,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 import base_model
+import plots
 import tasks
 from generator import answer_end, answer_prompt, decode, synthesize
 from inner_loop import adapt, encode, init_lora, lora_targets
@@ -246,6 +247,8 @@ def run(model, tok, eta, psi, phi0, cfg, out, trained=True):
         json.dump(results, f, indent=1)
     print_tables(results)
     print(f"wrote {os.path.join(out, 'results.json')}")
+    figures = plots.draw(out)
+    print(f"wrote {', '.join(figures)}" if figures else "no figures: matplotlib is not installed (optional)")
     return results
 
 

@@ -242,6 +242,21 @@ def test_train_tiny_end_to_end(tmp_path):
     assert results["methods"]["oracle"]["overall"]["n"] == 12
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 4 and rows[-1]["valid"] > 0.3    # real meta-steps ran on parsed examples
+    try:                                                         # the two figures, when matplotlib is there
+        import matplotlib  # noqa: F401
+        assert (out / "gains_by_domain.png").stat().st_size > 0 and (out / "meta_training.png").stat().st_size > 0
+    except ImportError:
+        assert not (out / "gains_by_domain.png").exists()
     again = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--preset", "tiny", "--out", str(out)],
                            check=True, cwd=HERE, capture_output=True, text=True)
     assert "reusing the pretrained base model" in again.stdout
+
+
+def test_room_measures_every_pool(tmp_path, tok):
+    base_model.save(tiny_model(tok), tok, str(tmp_path / "base"))
+    subprocess.run([sys.executable, os.path.join(HERE, "room.py"), "--out", str(tmp_path), "--targets", "6",
+                    "--m", "2", "--K", "1", "--max-new", "4"], check=True, cwd=HERE, capture_output=True)
+    pools = json.loads((tmp_path / "room_a0.03_K1_c0.0.json").read_text())["pools"]
+    assert set(pools) == {"own", "own_greedy", "own_correct", "own_true", "oracle", "random"}
+    assert all(pools[p]["all"]["n"] == 6 and pools[p]["all"]["dnll"] == pools[p]["all"]["dnll"] for p in pools)
+    assert pools["oracle"]["all"]["dnll"] != 0.0     # true examples were trained on: the target's NLL moved

@@ -1,0 +1,110 @@
+"""
+How much room is there for MASS? The change of the target answer's NLL after K inner steps on fixed example pools,
+with the toy world's checker standing in for a perfect scorer or a perfect generator. No meta-training: this
+measures ceilings, the numbers that say what eta and psi could at best achieve on a given base and inner loop.
+
+  own           the base's own practice examples, sampled answers, uniform weights (= self_uniform)
+  own_greedy    the same problems, answered greedily by the base
+  own_correct   the own examples whose answer the checker says is right (a perfect scorer's filter)
+  own_true      the own problems with the checker's true answers (a generator whose answers are all right)
+  oracle        m true problems near T from the toy world
+  random        m random training problems with true answers (= random_ttt)
+
+    python room.py --out runs/default                        # the demo's base and inner loop, 300 targets
+    python room.py --out runs/default --alpha 0.1 --inner-clip 1 --K 8
+"""
+import argparse
+import json
+import os
+import random
+
+import torch
+from tqdm import tqdm
+
+import base_model
+import tasks
+from evaluate import mean_se, median
+from generator import decode, synthesize
+from inner_loop import adapt, encode, init_lora, lora_targets
+from meta_step import outer_loss
+
+POOLS = ["own", "own_greedy", "own_correct", "own_true", "oracle", "random"]
+
+
+def pools_for(model, tok, target, m, max_new, rng, gen):
+    """The six pools of (problem, answer) pairs for one target (a pool may be empty)."""
+    own = [e for e in synthesize(model, {}, 1.0, tok, target, m, 1.0, max_new, gen) if e["valid"]]
+    nearby = [tasks.nearby(target, rng) for _ in range(m)]
+    randoms = [tasks.sample_problem(rng, rng.choice(tasks.DOMAIN_NAMES)) for _ in range(m)]
+    return {"own": [(e["problem"], e["answer"]) for e in own],
+            "own_greedy": [(e["problem"], e["greedy"]) for e in own],
+            "own_correct": [(e["problem"], e["answer"]) for e in own if tasks.solve(e["problem"]) == e["answer"]],
+            "own_true": [(e["problem"], tasks.solve(e["problem"])) for e in own if tasks.solve(e["problem"])],
+            "oracle": [(p, tasks.solve(p)) for p in nearby],
+            "random": randoms}
+
+
+def measure(args):
+    model, tok = base_model.load(os.path.join(args.out, "base"))
+    phi0 = init_lora(model, lora_targets(model, args.lora_modules), args.lora_rank, seed=args.seed + 1)
+    scale = args.lora_alpha / args.lora_rank
+    rows = []
+    for i, (domain, T, R) in enumerate(tqdm(tasks.heldout_targets(args.targets, seed=args.seed + 1000),
+                                            desc="room", unit="target")):
+        rng, gen = random.Random(args.seed + 10_000 + i), torch.Generator().manual_seed(args.seed + 10_000 + i)
+        target_batch = encode(tok, [tasks.BOS + T], [R + "\n"])
+        with torch.no_grad():
+            L_before = outer_loss(model, phi0, scale, target_batch).item()
+        row = {"domain": domain, "base_right": decode(model, [], scale, tok, [tasks.BOS + T], args.max_new)[0] == R}
+        for name, pairs in pools_for(model, tok, T, args.m, args.max_new, rng, gen).items():
+            if not pairs:    # nothing to train on: no update
+                row[name] = 0.0
+                continue
+            batch = encode(tok, [tasks.BOS + p for p, _ in pairs], [a + "\n" for _, a in pairs])
+            phi = adapt(model, phi0, scale, batch, torch.ones(len(pairs)), args.alpha, args.K,
+                        max_norm=args.inner_clip or None)[-1]
+            with torch.no_grad():
+                row[name] = outer_loss(model, phi, scale, target_batch).item() - L_before
+            row[name + "_size"] = len(pairs)
+        rows.append(row)
+    return rows
+
+
+def table(rows):
+    """dnll mean ± s.e. per pool (columns), overall, on base-wrong targets and per domain (rows); medians in JSON."""
+    subsets = {"all": rows, "base wrong": [r for r in rows if not r["base_right"]]}
+    subsets.update({d: [r for r in rows if r["domain"] == d] for d in tasks.DOMAIN_NAMES})
+    out = {pool: {} for pool in POOLS}
+    print("\nchange of the target answer's NLL after the inner loop, nats, mean ± s.e. (lower is better)")
+    print(f"{'targets':14s}{'n':>5s}" + "".join(f"{pool:>16s}" for pool in POOLS))
+    for k, sub in subsets.items():
+        cells = []
+        for pool in POOLS:
+            dnll = [r[pool] for r in sub]
+            mu, se = mean_se(dnll)
+            out[pool][k] = {"n": len(sub), "dnll": mu, "dnll_se": se, "dnll_median": median(dnll)}
+            cells.append(f"{mu:+9.3f} ±{se:5.3f}")
+        print(f"{k[:14]:14s}{len(sub):5d}" + "".join(cells))
+    return out
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="runs/default", help="a run folder with a pretrained base/ (train.py)")
+    parser.add_argument("--targets", type=int, default=300, help="held-out targets, balanced over the domains")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--m", type=int, default=8, help="examples per pool")
+    parser.add_argument("--K", type=int, default=4, help="inner steps")
+    parser.add_argument("--alpha", type=float, default=0.03, help="inner learning rate")
+    parser.add_argument("--inner-clip", type=float, default=0.0, help="inner gradient-norm clip (0: off)")
+    parser.add_argument("--lora-modules", default="auto")
+    parser.add_argument("--lora-rank", type=int, default=4)
+    parser.add_argument("--lora-alpha", type=float, default=4.0)
+    parser.add_argument("--max-new", type=int, default=24)
+    args = parser.parse_args()
+    torch.manual_seed(args.seed)
+    result = {"settings": vars(args), "pools": table(measure(args))}
+    name = f"room_a{args.alpha}_K{args.K}_c{args.inner_clip}.json"
+    with open(os.path.join(args.out, name), "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {os.path.join(args.out, name)}")
