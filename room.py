@@ -12,6 +12,7 @@ measures ceilings, the numbers that say what eta and psi could at best achieve o
 
     python room.py --out runs/default                        # the demo's base and inner loop, 300 targets
     python room.py --out runs/default --alpha 0.1 --inner-clip 1 --K 8
+    python room.py --out runs/default --lora-modules q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj
 """
 import argparse
 import json
@@ -104,7 +105,8 @@ if __name__ == "__main__":
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     result = {"settings": vars(args), "pools": table(measure(args))}
-    name = f"room_a{args.alpha}_K{args.K}_c{args.inner_clip}.json"
+    modules = "" if args.lora_modules == "auto" else "_" + args.lora_modules.replace(",", "+")
+    name = f"room_a{args.alpha}_K{args.K}_c{args.inner_clip}{modules}.json"
     with open(os.path.join(args.out, name), "w") as f:
         json.dump(result, f, indent=1)
     print(f"wrote {os.path.join(args.out, name)}")
