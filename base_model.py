@@ -2,9 +2,10 @@
 The LLM: a tiny char-level Llama pretrained on the toy world (the stand-in for a pretrained LLM), or any
 local Hugging Face causal LM.
 
-Pretraining text mixes two kinds of items. A solved line `23+45=68` teaches the model to answer; a block
-`@23+45=` followed by four nearby solved problems teaches it to write practice problems related to a target,
-which is what a pretrained LLM can do when asked. Nothing is downloaded.
+Pretraining text mixes three kinds of items. A solved problem `x+23=58;x=35` teaches the model to answer; a
+construction `35+23=58` teaches it forward arithmetic; a block `@x+23=58;x=` followed by four constructions of
+the same equation with x near the true one teaches it to write practice problems for a target, which is what a
+pretrained LLM can do when asked. Nothing is downloaded.
 
     python base_model.py    # pretrains the default base for 200 steps and prints the loss
 """
@@ -45,13 +46,15 @@ def build_model(vocab_size, hidden=128, layers=4, heads=4, intermediate=512, max
 # ----------------------------------------------------------------------------- pretraining on the toy world
 
 def pretraining_item(rng, block_share):
-    """One solved line, or (with probability block_share) a target followed by four nearby solved problems."""
+    """A block (probability block_share): a target and four constructions near it; else, as often, a solved
+    problem or a construction."""
     d = rng.choice(tasks.DOMAIN_NAMES)
     problem, answer = tasks.sample_problem(rng, d, "train")
-    if rng.random() >= block_share:
+    if rng.random() < block_share:
+        return f"{tasks.TARGET_MARK}{problem}\n" + "".join(f"{c}\n" for c in tasks.nearby_constructions(problem, rng, 4))
+    if rng.random() < 0.5:
         return f"{problem}{answer}\n"
-    lines = [f"{q}{tasks.solve(q)}\n" for q in (tasks.nearby(problem, rng) for _ in range(4))]
-    return f"{tasks.TARGET_MARK}{problem}\n" + "".join(lines)
+    return tasks.nearby_constructions(problem, rng, 1)[0] + "\n"
 
 
 def pretraining_batch(tok, rng, batch_size, seq_len, block_share):

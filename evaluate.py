@@ -32,8 +32,8 @@ import plots
 import tasks
 from generator import answer_end, answer_prompt, decode, synthesize
 from inner_loop import adapt, encode, init_lora, lora_targets
-from meta_step import attribution, outer_loss, target_batch_for, training_pairs
-from scorer import Scorer, features, weights_from_scores
+from meta_step import attribution, example_features, outer_loss, target_batch_for, training_pairs
+from scorer import Scorer, weights_from_scores
 
 METHODS = ["no_adapt", "random_ttt", "self_uniform", "scorer_only", "mass", "oracle"]
 PAIRS = [("mass", "self_uniform"), ("mass", "random_ttt"), ("mass", "no_adapt"), ("mass", "scorer_only"),
@@ -57,7 +57,7 @@ def scored(model, tok, eta, target, pool, cfg):
     valid, prompts, answers, consistent = training_pairs(pool, cfg.answer_with, tok, cfg.natural)
     if not valid:
         return None
-    x = features(model, tok, answer_prompt(tok, target, cfg.natural), prompts, answers, consistent)
+    x = example_features(model, tok, target, valid, prompts, answers, consistent, cfg.natural)
     with torch.no_grad():
         w = weights_from_scores(eta(x))
     correct = None if cfg.natural else [tasks.solve(e["problem"]) == a.strip() for e, a in zip(valid, answers)]
@@ -132,11 +132,16 @@ def diagnostics(model, tok, phi0, cfg, target, target_batch, base_pool, mass_poo
         d[f"{name}_in_domain"] = sum(tasks.domain_of(e["problem"]) == tasks.domain_of(target)
                                      for e in valid) / len(pool)
         d[f"{name}_correct"] = sum(tasks.solve(e["problem"]) == e["answer"] for e in valid) / len(pool)
+        d[f"{name}_is_target"] = sum(e["problem"] == target for e in valid) / len(pool)
+        d[f"{name}_solves_target"] = float(any(e["problem"] == target and e["answer"] == tasks.solve(target)
+                                               for e in valid))
     if base is not None and not cfg.natural:
         prompts, answers, w, correct = base
         _, g = attribution(model, phi0, cfg.lora_scale, encode(tok, prompts, answers, model.device),
                            torch.ones_like(w), target_batch, cfg.alpha, cfg.K, cfg.meta_grad, cfg.inner_clip or None)
         d["auc_weights"] = auc(w.tolist(), correct)            # does eta rank correct above wrong examples?
+        hits = [ok and p == answer_prompt(tok, target, False) for p, ok in zip(prompts, correct)]
+        d["auc_weights_hits"] = auc(w.tolist(), hits)          # ... and right answers to T itself above the rest?
         d["auc_attribution"] = auc((-g).tolist(), correct)     # does -g_i (helpfulness) rank them?
         d["corr_weights_attribution"] = correlation(w.tolist(), (-g).tolist())
     return d

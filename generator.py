@@ -15,7 +15,6 @@ example is valid when it has a problem and a final answer that tasks.extract_ans
 
     python generator.py RUN_DIR    # samples practice problems from a saved base model (default runs/default)
 """
-import re
 import sys
 
 import torch
@@ -103,12 +102,9 @@ def decode(model, adapters, scale, tok, prompts, max_new, temperature=0.0, gen=N
 
 
 def parse(line):
-    """(problem, answer) from a generated line 'problem=answer', or None when it is not well-formed."""
-    cut = line.rfind("=") + 1
-    problem, answer = line[:cut], line[cut:]
-    if cut == 0 or tasks.domain_of(problem) is None or not re.fullmatch(r"\d{1,6}", answer):
-        return None
-    return problem, answer
+    """(problem, answer) from a generated construction `35+23=58`: (`x+23=58;x=`, `35`); None when the line is no
+    construction of any domain. The toy generator writes equations solved forward (tasks.py says why)."""
+    return tasks.from_construction(line)
 
 
 def parse_worked(text):

@@ -86,6 +86,18 @@ def training_pairs(examples, answer_with, tok, natural):
             [a + answer_end(tok, natural) for a in answers], consistent)
 
 
+def example_features(model, tok, target, valid, prompts, answers, consistent, natural):
+    """Step 2's inputs: scorer.features of the valid examples, given whether each p_i is T and each example as
+    written (a toy construction `35+23=58` as the prompt `35+23=` and its value; a real one as trained on)."""
+    is_target = [e["problem"] == target for e in valid]
+    if natural:
+        written = (prompts, answers)
+    else:
+        split = [e["line"].rpartition("=") for e in valid]
+        written = ([tasks.BOS + lhs + "=" for lhs, _, _ in split], [value + "\n" for _, _, value in split])
+    return features(model, tok, answer_prompt(tok, target, natural), prompts, answers, consistent, is_target, written)
+
+
 def target_batch_for(tok, target, reference, cfg, device):
     """T and R* encoded for the outer loss: R* is the answer (toy world) or the reference solution (real data)."""
     return encode(tok, [answer_prompt(tok, target, cfg.natural)], [reference + answer_end(tok, cfg.natural)], device,
@@ -103,7 +115,7 @@ def meta_step(model, tok, eta, psi, phi0, target, reference, cfg, gen, running, 
     if not valid:
         return {"skipped": 1, "valid": 0.0}
     # step 2: score them
-    x = features(model, tok, answer_prompt(tok, target, cfg.natural), prompts, answers, consistent)
+    x = example_features(model, tok, target, valid, prompts, answers, consistent, cfg.natural)
     w = weights_from_scores(eta(x))                                                  # (m,)
     # step 3 and eq. 3: the inner update and the loss after it; eq. 4: g_i = dL_out/dw_i
     batch = encode(tok, prompts, answers, model.device, cfg.max_len)
@@ -127,12 +139,14 @@ def meta_step(model, tok, eta, psi, phi0, target, reference, cfg, gen, running, 
                "g_norm": g.norm().item()}
     if not cfg.natural:   # diagnostics from the toy world's checker; real problems have none
         correct = [tasks.solve(e["problem"]) == a.strip() for e, a in zip(valid, answers)]
-        metrics.update(correct=sum(correct) / len(correct), w_correct_minus_wrong=_gap(w.detach(), correct))
+        hits = [e["problem"] == target and ok for e, ok in zip(valid, correct)]
+        metrics.update(correct=sum(correct) / len(correct), hits=sum(hits) / len(examples),
+                       w_correct_minus_wrong=_gap(w.detach(), correct), w_hit_minus_other=_gap(w.detach(), hits))
     return metrics
 
 
 def _gap(w, correct):
-    """Mean weight of correct examples minus that of wrong ones (nan when a target has only one kind)."""
+    """Mean weight of correct examples (or any flagged ones) minus that of the others (nan without both kinds)."""
     c = torch.tensor(correct, dtype=torch.bool)
     if c.all() or not c.any():
         return float("nan")

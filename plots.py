@@ -4,7 +4,7 @@ The two figures of a run, as PNG in the run folder (matplotlib is optional: with
   gains_by_domain.png   each method's change of the answer NLL and of accuracy against no_adapt, per domain and
                         overall, mean ± s.e. over the held-out targets (the paper's Figure 2, at toy scale)
   meta_training.png     the meta-training curve from metrics.jsonl: post-update improvement, scorer weights,
-                        how they split correct from wrong examples, and the generator's correct share
+                        how they single out right answers to T, the generator's correct share and its hits
 
     python plots.py runs/default     # redraws both from results.json and metrics.jsonl
 """
@@ -61,8 +61,8 @@ def meta_training(metrics_path, path):
     with open(metrics_path) as f:
         rows = [json.loads(line) for line in f if line.strip()]
     panels = [("improvement", "L_before - L_after (nats)"), ("w_mean", "mean scorer weight w"),
-              ("w_correct_minus_wrong", "w(correct) - w(wrong)"), ("correct", "generator's correct share"),
-              ("reward", "generator reward")]
+              ("w_hit_minus_other", "w(right answer to T) - w(other)"), ("correct", "generator's correct share"),
+              ("hits", "share of right answers to T"), ("reward", "generator reward")]
     panels = [(k, label) for k, label in panels if rows and k in rows[0]]
     if not panels:
         return None

@@ -3,11 +3,12 @@ How much room is there for MASS? The change of the target answer's NLL after K i
 with the toy world's checker standing in for a perfect scorer or a perfect generator. No meta-training: this
 measures ceilings, the numbers that say what eta and psi could at best achieve on a given base and inner loop.
 
-  own           the base's own practice examples, sampled answers, uniform weights (= self_uniform)
-  own_greedy    the same problems, answered greedily by the base
+  own           the base's own constructions, as written, uniform weights (= self_uniform)
+  own_greedy    the same problems, answered greedily by the base (solving instead of constructing)
+  own_target    only the own examples whose problem is T itself (a filter the scorer's is-T feature allows)
   own_correct   the own examples whose answer the checker says is right (a perfect scorer's filter)
-  own_true      the own problems with the checker's true answers (a generator whose answers are all right)
-  oracle        m true problems near T from the toy world
+  own_true      the own problems with the checker's true answers (a generator whose arithmetic is always right)
+  oracle        m true constructions near T (tasks.nearby: a perfect generator)
   random        m random training problems with true answers (= random_ttt)
 
     python room.py --out runs/default                        # the demo's base and inner loop, 300 targets
@@ -29,20 +30,23 @@ from generator import decode, synthesize
 from inner_loop import adapt, encode, init_lora, lora_targets
 from meta_step import outer_loss
 
-POOLS = ["own", "own_greedy", "own_correct", "own_true", "oracle", "random"]
+POOLS = ["own", "own_greedy", "own_target", "own_correct", "own_true", "oracle", "random"]
 
 
 def pools_for(model, tok, target, m, max_new, rng, gen):
-    """The six pools of (problem, answer) pairs for one target (a pool may be empty)."""
+    """The pools of (problem, answer, weight) for one target (a pool may be empty). A filter keeps the whole pool
+    and gives weight 2 to what it keeps and 0 to the rest: the most a scorer with w = 2 sigma(s) can do."""
     own = [e for e in synthesize(model, {}, 1.0, tok, target, m, 1.0, max_new, gen) if e["valid"]]
     nearby = [tasks.nearby(target, rng) for _ in range(m)]
     randoms = [tasks.sample_problem(rng, rng.choice(tasks.DOMAIN_NAMES)) for _ in range(m)]
-    return {"own": [(e["problem"], e["answer"]) for e in own],
-            "own_greedy": [(e["problem"], e["greedy"]) for e in own],
-            "own_correct": [(e["problem"], e["answer"]) for e in own if tasks.solve(e["problem"]) == e["answer"]],
-            "own_true": [(e["problem"], tasks.solve(e["problem"])) for e in own if tasks.solve(e["problem"])],
-            "oracle": [(p, tasks.solve(p)) for p in nearby],
-            "random": randoms}
+    keep = lambda e, kept: (e["problem"], e["answer"], 2.0 * kept)
+    return {"own": [(e["problem"], e["answer"], 1.0) for e in own],
+            "own_greedy": [(e["problem"], e["greedy"], 1.0) for e in own],
+            "own_target": [keep(e, e["problem"] == target) for e in own],
+            "own_correct": [keep(e, tasks.solve(e["problem"]) == e["answer"]) for e in own],
+            "own_true": [(e["problem"], tasks.solve(e["problem"]), 1.0) for e in own if tasks.solve(e["problem"])],
+            "oracle": [(p, tasks.solve(p), 1.0) for p in nearby],
+            "random": [(p, a, 1.0) for p, a in randoms]}
 
 
 def measure(args):
@@ -57,16 +61,17 @@ def measure(args):
         with torch.no_grad():
             L_before = outer_loss(model, phi0, scale, target_batch).item()
         row = {"domain": domain, "base_right": decode(model, [], scale, tok, [tasks.BOS + T], args.max_new)[0] == R}
-        for name, pairs in pools_for(model, tok, T, args.m, args.max_new, rng, gen).items():
-            if not pairs:    # nothing to train on: no update
-                row[name] = 0.0
+        for name, pool in pools_for(model, tok, T, args.m, args.max_new, rng, gen).items():
+            if not pool:    # nothing to train on: no update
+                row[name], row[name + "_right"] = 0.0, row["base_right"]
                 continue
-            batch = encode(tok, [tasks.BOS + p for p, _ in pairs], [a + "\n" for _, a in pairs])
-            phi = adapt(model, phi0, scale, batch, torch.ones(len(pairs)), args.alpha, args.K,
+            batch = encode(tok, [tasks.BOS + p for p, _, _ in pool], [a + "\n" for _, a, _ in pool])
+            phi = adapt(model, phi0, scale, batch, torch.tensor([w for _, _, w in pool]), args.alpha, args.K,
                         max_norm=args.inner_clip or None)[-1]
             with torch.no_grad():
                 row[name] = outer_loss(model, phi, scale, target_batch).item() - L_before
-            row[name + "_size"] = len(pairs)
+            row[name + "_size"] = len(pool)
+            row[name + "_right"] = decode(model, [phi], scale, tok, [tasks.BOS + T], args.max_new)[0] == R
         rows.append(row)
     return rows
 
@@ -76,16 +81,20 @@ def table(rows):
     subsets = {"all": rows, "base wrong": [r for r in rows if not r["base_right"]]}
     subsets.update({d: [r for r in rows if r["domain"] == d] for d in tasks.DOMAIN_NAMES})
     out = {pool: {} for pool in POOLS}
-    print("\nchange of the target answer's NLL after the inner loop, nats, mean ± s.e. (lower is better)")
+    print("\nchange of the target answer's NLL after the inner loop, nats; change of greedy accuracy; mean ± s.e.")
     print(f"{'targets':14s}{'n':>5s}" + "".join(f"{pool:>16s}" for pool in POOLS))
     for k, sub in subsets.items():
-        cells = []
+        dnll_cells, acc_cells = [], []
         for pool in POOLS:
             dnll = [r[pool] for r in sub]
-            mu, se = mean_se(dnll)
-            out[pool][k] = {"n": len(sub), "dnll": mu, "dnll_se": se, "dnll_median": median(dnll)}
-            cells.append(f"{mu:+9.3f} ±{se:5.3f}")
-        print(f"{k[:14]:14s}{len(sub):5d}" + "".join(cells))
+            dacc = [float(r[pool + "_right"]) - float(r["base_right"]) for r in sub]
+            (mu, se), (acc, acc_se) = mean_se(dnll), mean_se(dacc)
+            out[pool][k] = {"n": len(sub), "dnll": mu, "dnll_se": se, "dnll_median": median(dnll),
+                            "dacc": acc, "dacc_se": acc_se}
+            dnll_cells.append(f"{mu:+9.3f} ±{se:5.3f}")
+            acc_cells.append(f"{acc:+9.3f} ±{acc_se:5.3f}")
+        print(f"{k[:14]:14s}{len(sub):5d}" + "".join(dnll_cells))
+        print(f"{'  accuracy':14s}{'':5s}" + "".join(acc_cells))
     return out
 
 

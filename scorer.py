@@ -7,7 +7,10 @@ Weights can fall to 0: the scorer can filter an example out, or all of them, whi
 
 Features of example i, all from the frozen base model (never from the toy world's checker):
   - the model's confidence in a_i: mean and minimum token log-probability of a_i given p_i,
+  - its confidence in the example as written: mean and minimum log-probability of what follows the last '=' of a
+    construction (`35+23=58`: the forward arithmetic, 58 given 35+23); for real data, the same as the first two,
   - self-consistency: does the base's greedy answer to p_i equal a_i,
+  - p_i is T itself: the generator wrote T's own equation, so a_i is a candidate answer to T,
   - closeness to the target: cosine of the pooled hidden states of T and of the example, and the two pooled
     representations themselves (unit length), so the scorer can learn which kinds of problems help which targets,
   - answer length (log of its token count),
@@ -21,7 +24,7 @@ import torch.nn.functional as F
 
 from inner_loop import encode, forward
 
-N_SCALARS = 6
+N_SCALARS = 9
 
 
 class Scorer(torch.nn.Module):
@@ -53,23 +56,32 @@ def pooled(model, tok, texts):
 
 
 @torch.no_grad()
-def features(model, tok, target_prompt, prompts, answers, consistent):
-    """(m, N_SCALARS + 2d) features of the examples (p_i, a_i) for target T, from the frozen base.
-    prompts, answers: the examples as trained on (a_i ends with its end mark); target_prompt: T as it is answered;
-    consistent: does the base's greedy answer to p_i agree with a_i."""
+def answer_logp(model, tok, prompts, answers):
+    """Mean and minimum token log-probability of each answer given its prompt, and its token count; each (m,)."""
     batch = encode(tok, prompts, answers, model.device)
     logits = forward(model, [], 1.0, batch["ids"]).float()                      # (m, L, V)
     token_logp = F.log_softmax(logits[:, :-1], -1).gather(-1, batch["ids"][:, 1:, None]).squeeze(-1)
     mask = batch["mask"][:, 1:]                                                 # (m, L-1)
     n_tokens = mask.sum(1)
-    mean_logp = (token_logp * mask).sum(1) / n_tokens
-    min_logp = token_logp.masked_fill(mask == 0, 0.0).min(1).values
-    consistent = torch.tensor(consistent, dtype=torch.float32, device=model.device)
+    return (token_logp * mask).sum(1) / n_tokens, token_logp.masked_fill(mask == 0, 0.0).min(1).values, n_tokens
+
+
+@torch.no_grad()
+def features(model, tok, target_prompt, prompts, answers, consistent, is_target, written):
+    """(m, N_SCALARS + 2d) features of the examples (p_i, a_i) for target T, from the frozen base.
+    prompts, answers: the examples as trained on (a_i ends with its end mark); target_prompt: T as it is answered;
+    consistent: does the base's greedy answer to p_i agree with a_i; is_target: is p_i the text of T;
+    written: (prompts, answers) of each example as the generator wrote it (its construction)."""
+    mean_logp, min_logp, n_tokens = answer_logp(model, tok, prompts, answers)
+    written_mean, written_min, _ = answer_logp(model, tok, *written)
+    as_sign = lambda flags: 2 * torch.tensor(flags, dtype=torch.float32, device=model.device) - 1   # True 1, False -1
     h, _ = pooled(model, tok, [p + a.strip() for p, a in zip(prompts, answers)])   # (m, d)
     h_target, target_logits = pooled(model, tok, [target_prompt])                   # (1, d), (1, L, V)
     h_target = h_target.expand_as(h)                                                # (m, d)
     cosine = (h * h_target).sum(1)
     target_confidence = F.log_softmax(target_logits[0, -1].float(), -1).max()    # the base's certainty on T
-    scalars = torch.stack([mean_logp.clamp(min=-10) / 2, min_logp.clamp(min=-10) / 2, 2 * consistent - 1,
-                           cosine, torch.log(n_tokens) - 1, target_confidence.expand_as(cosine)], dim=1)  # (m, N_SCALARS)
+    logp = lambda x: x.clamp(min=-10) / 2
+    scalars = torch.stack([logp(mean_logp), logp(min_logp), logp(written_mean), logp(written_min),
+                           as_sign(consistent), as_sign(is_target), cosine, torch.log(n_tokens) - 1,
+                           target_confidence.expand_as(cosine)], dim=1)           # (m, N_SCALARS)
     return torch.cat([scalars, h, h_target], dim=1)

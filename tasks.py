@@ -1,12 +1,17 @@
 """
 Problems: the embedded toy math world (the stand-in for MATH) and answer checking.
 
-Six domains, each a toy version of a MATH subject. A problem is one line of text ending in '=', its answer
-an integer: `23+45=` -> `68`. Every domain has a seeded sampler, `nearby()` (a problem close to a given one,
-the kind of practice problem a good generator writes) and a checker that solves ANY well-formed problem
-text of that domain, so synthetic examples can be checked for diagnostics. The checker never feeds training.
+Every toy problem asks for the unknown x of an equation: `x+23=58;x=` -> `35`. Its *construction* is the same
+equation solved forward, with x's value written in: `35+23=58`. Solving needs the inverse operation (58 - 23);
+constructing needs only the forward one (35 + 23), and a model can do that more reliably. This is the asymmetry that
+self-synthesis exploits: the generator writes constructions (pick an x near what T's x looks like, compute forward),
+each one a solved practice problem whose answer is right whenever the forward arithmetic is, and a construction
+whose equation is T itself solves T. Five domains: three where solving needs a division that constructing does not
+(a*x=c, a*x+b=c, x*a-b=c), and two controls where both ways take one subtraction. Each has a seeded sampler,
+`nearby()` (what a perfect generator would write) and a checker that solves ANY well-formed problem, so synthetic
+examples can be checked for diagnostics. The checker never feeds training.
 
-    python tasks.py        # prints a few problems of each domain
+    python tasks.py        # prints a few problems and constructions of each domain
 """
 import json
 import math
@@ -16,55 +21,87 @@ import re
 import zlib
 
 BOS = "\n"           # every sequence starts on a fresh line
-TARGET_MARK = "@"    # '@T' opens a block of practice problems written for target T
+TARGET_MARK = "@"    # '@T' opens a block of practice constructions written for target T
 
 # ----------------------------------------------------------------------------- the domains
-# Each domain: a pattern for well-formed problems, the solver of any such problem (None: no integer answer),
-# and a sampler of the "pretraining range". A problem outside that range is still well-formed and solvable.
+# Each domain: the left-hand side with named slots ({x} is the unknown), its value f(x, params) (increasing or
+# decreasing in x, so x is unique), and a sampler of x and the parameters in the "pretraining range".
 
-def _angle(a, b):
-    return 180 - a - b if a + b < 180 else None
-
-def _linear(a, b, c):
-    return (c - b) // a if a and (c - b) % a == 0 and c >= b else None
-
-DOMAINS = {  # name: (pattern, solver, sampler)
-    "prealgebra": (r"(\d+)\+(\d+)=|(\d+)-(\d+)=",      # 2-digit addition and subtraction
-                   lambda a, b, c, d: a + b if a is not None else (c - d if c >= d else None),
-                   lambda r: (lambda a, b: f"{a}+{b}=" if r.random() < 0.5 else f"{max(a, b)}-{min(a, b)}=")(
-                       r.randint(10, 99), r.randint(10, 99))),
-    "arithmetic": (r"(\d+)\*(\d+)=", lambda a, b: a * b,   # one digit times two digits
-                   lambda r: f"{r.randint(2, 9)}*{r.randint(10, 99)}="),
-    "number_theory": (r"(\d+)%(\d+)=", lambda a, b: a % b if b else None,   # remainders
-                      lambda r: f"{r.randint(10, 99)}%{r.randint(2, 9)}="),
-    "algebra": (r"(\d+)x\+(\d+)=(\d+);x=", _linear,       # solve a*x+b=c for x
-                lambda r: (lambda a, x, b: f"{a}x+{b}={a * x + b};x=")(r.randint(2, 9), r.randint(1, 12),
-                                                                      r.randint(1, 20))),
-    "counting": (r"mul\((\d+),(\d+)\)=", lambda d, n: n // d if d else None,   # multiples of d up to n
-                 lambda r: f"mul({r.randint(2, 9)},{r.randint(10, 99)})="),
-    "geometry": (r"tri\((\d+),(\d+)\)=", _angle,          # the third angle of a triangle, in degrees
-                 lambda r: (lambda a: f"tri({a},{r.randint(10, 170 - a - 10)})=")(r.randint(10, 140))),
+DOMAINS = {  # name: (left-hand side, value, sampler)
+    "multiplication": ("{a}*{x}", lambda a, x: a * x,                 # solving needs a division
+                       lambda r: dict(a=r.randint(2, 9), x=r.randint(10, 99))),
+    "linear_plus": ("{a}*{x}+{b}", lambda a, x, b: a * x + b,         # a subtraction, then a division
+                    lambda r: dict(a=r.randint(2, 9), x=r.randint(10, 99), b=r.randint(10, 99))),
+    "linear_minus": ("{x}*{a}-{b}", lambda x, a, b: x * a - b,        # an addition, then a division
+                     lambda r: (lambda x, a: dict(x=x, a=a, b=r.randint(10, min(99, a * x - 1))))(
+                         r.randint(10, 99), r.randint(2, 9))),
+    "addition": ("{x}+{b}", lambda x, b: x + b,                       # control: solving is one subtraction,
+                 lambda r: dict(x=r.randint(10, 59), b=r.randint(10, 39))),   # as easy as constructing
+    "angles": ("tri({a},{x})", lambda a, x: 180 - a - x,              # control: both ways one subtraction
+               lambda r: (lambda a: dict(a=a, x=r.randint(20, 150 - a)))(r.randint(20, 99))),
 }
 DOMAIN_NAMES = list(DOMAINS)
-_PATTERNS = {d: re.compile(pattern) for d, (pattern, _, _) in DOMAINS.items()}
+X_RANGE = range(1, 1000)   # where the checker looks for x
+
+
+def _pattern(lhs, unknown):
+    """A regex for `lhs=value` with every slot a number, except {x} written as `unknown` (None: a number too)."""
+    regex = re.escape(lhs).replace(r"\{", "{").replace(r"\}", "}")
+    for name in re.findall(r"{(\w+)}", lhs):
+        slot = re.escape(unknown) if name == "x" and unknown else rf"(?P<{name}>\d+)"
+        regex = regex.replace(f"{{{name}}}", slot)
+    return re.compile(regex + r"=(?P<value>\d+)")
+
+
+_PROBLEMS = {d: _pattern(lhs, "x") for d, (lhs, _, _) in DOMAINS.items()}          # x+23=58
+_CONSTRUCTIONS = {d: _pattern(lhs, None) for d, (lhs, _, _) in DOMAINS.items()}    # 35+23=58
+
+
+def problem_text(domain, params, value):
+    """`x+23=58;x=`: the equation with x unknown, then the question."""
+    return DOMAINS[domain][0].format(**{**params, "x": "x"}) + f"={value};x="
+
+
+def construction(domain, x, params):
+    """`35+23=58`: the equation solved forward, x written in, its value computed."""
+    lhs, f, _ = DOMAINS[domain]
+    return lhs.format(**{**params, "x": x}) + f"={f(x=x, **params)}"
 
 
 def domain_of(problem):
     """The domain whose syntax `problem` follows, or None (a malformed problem)."""
-    for d, pattern in _PATTERNS.items():
-        if pattern.fullmatch(problem):
+    for d, pattern in _PROBLEMS.items():
+        if problem.endswith(";x=") and pattern.fullmatch(problem[:-3]):
             return d
     return None
 
 
-def solve(problem):
-    """The true answer of any well-formed problem text, as a string; None if malformed or unsolvable."""
+def _fields(problem):
+    """(domain, params, value) of a well-formed problem; raises on a malformed one."""
     d = domain_of(problem)
-    if d is None:
+    fields = {k: int(v) for k, v in _PROBLEMS[d].fullmatch(problem[:-3]).groupdict().items()}
+    return d, {k: v for k, v in fields.items() if k != "value"}, fields["value"]
+
+
+def solve(problem):
+    """The true answer (x) of any well-formed problem text, as a string; None if malformed or unsolvable."""
+    if domain_of(problem) is None:
         return None
-    groups = [None if g is None else int(g) for g in _PATTERNS[d].fullmatch(problem).groups()]
-    answer = DOMAINS[d][1](*groups)
-    return None if answer is None else str(answer)
+    d, params, value = _fields(problem)
+    f = DOMAINS[d][1]
+    return next((str(x) for x in X_RANGE if f(x=x, **params) == value), None)
+
+
+def from_construction(line):
+    """The practice example (problem, answer) that a construction line `35+23=58` states: (`x+23=58;x=`, `35`);
+    None when the line is no construction. The answer is right exactly when the line's arithmetic is."""
+    for d, pattern in _CONSTRUCTIONS.items():
+        match = pattern.fullmatch(line)
+        if match:
+            fields = {k: int(v) for k, v in match.groupdict().items()}
+            x, value = fields.pop("x"), fields.pop("value")
+            return problem_text(d, fields, value), str(x)
+    return None
 
 
 def is_heldout(problem):
@@ -74,19 +111,31 @@ def is_heldout(problem):
 
 def sample_problem(rng, domain, split="train"):
     """A (problem, answer) pair of `domain` from `split` ('train' or 'heldout'); the two are disjoint."""
+    lhs, f, sampler = DOMAINS[domain]
     while True:
-        problem = DOMAINS[domain][2](rng)
+        params = sampler(rng)
+        x = params.pop("x")
+        problem = problem_text(domain, params, f(x=x, **params))
         if is_heldout(problem) == (split == "heldout"):
-            return problem, solve(problem)
+            return problem, str(x)
+
+
+def nearby_constructions(problem, rng, n, spread=3):
+    """n constructions of T's equation with x moved by at most `spread` from T's true x (0 included: T itself),
+    the values computed exactly: what a perfect generator writes for T, and the pretraining blocks' lines."""
+    d, params, _ = _fields(problem)
+    x, f = int(solve(problem)), DOMAINS[d][1]
+    lines = []
+    while len(lines) < n:
+        x_new = x + rng.randint(-spread, spread)
+        if x_new >= 1 and f(x=x_new, **params) >= 1:
+            lines.append(construction(d, x_new, params))
+    return lines
 
 
 def nearby(problem, rng, spread=3):
-    """A solvable problem of the same form whose numbers each differ from `problem`'s by at most `spread`."""
-    for _ in range(200):
-        candidate = re.sub(r"\d+", lambda n: str(max(1, int(n.group()) + rng.randint(-spread, spread))), problem)
-        if candidate != problem and solve(candidate) is not None:
-            return candidate
-    raise ValueError(f"no solvable problem within {spread} of {problem!r}")
+    """A solvable problem of the same equation whose x differs from T's by at most `spread` (possibly T itself)."""
+    return from_construction(nearby_constructions(problem, rng, 1, spread)[0])[0]
 
 
 def heldout_targets(n, seed):
@@ -270,5 +319,4 @@ if __name__ == "__main__":
     rng = random.Random(0)
     for d in DOMAIN_NAMES:
         p, a = sample_problem(rng, d)
-        q = nearby(p, rng)
-        print(f"{d:14s} {p}{a:6s} nearby: {q}{solve(q)}")
+        print(f"{d:15s} {p}{a:5s} constructions: {'  '.join(nearby_constructions(p, rng, 3))}")

@@ -18,8 +18,8 @@ import generator
 import tasks
 from evaluate import auc, sign_test
 from inner_loop import adapt, encode, forward, init_lora, inner_loss, lora_targets
-from meta_step import attribution, outer_loss, reinforce_surrogate
-from scorer import Scorer, weights_from_scores
+from meta_step import attribution, example_features, outer_loss, reinforce_surrogate, training_pairs
+from scorer import N_SCALARS, Scorer, weights_from_scores
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -159,11 +159,27 @@ def test_clipped_meta_gradient_matches_finite_differences(model64, tok):
 def test_meta_gradient_reaches_scorer(model, tok):
     batch, target = problem(tok)
     eta = Scorer(32, width=8)
-    w = weights_from_scores(eta(torch.randn(4, 6 + 64)))
+    w = weights_from_scores(eta(torch.randn(4, N_SCALARS + 64)))
     assert torch.allclose(w, torch.ones(4))      # a fresh scorer gives uniform weights
     _, g = attribution(model, random_adapter(model), 1.0, batch, w, target, 0.05, 2)
     w.backward(g)                                  # eq. 4
     assert eta.net[-1].weight.grad.abs().sum() > 0
+
+
+def test_features_of_constructions(model, tok):
+    target = "7*x=84;x="
+    lines = ["7*12=84", "7*11=77", "7*13=90"]               # T itself, right; another, right; another, wrong
+    examples = [{"line": line, "valid": True, "problem": p, "answer": a, "greedy": "12"}
+                for line, (p, a) in zip(lines, map(generator.parse, lines))]
+    valid, prompts, answers, consistent = training_pairs(examples, "sample", tok, natural=False)
+    x = example_features(model, tok, target, valid, prompts, answers, consistent, natural=False)
+    assert x.shape == (3, N_SCALARS + 2 * 32)
+    assert x[:, 4].tolist() == [1, -1, -1] and x[:, 5].tolist() == [1, -1, -1]   # consistent with greedy; is T
+    # the written construction's confidence is the base's log-prob of the value after '=' given the rest
+    batch = encode(tok, ["\n7*13="], ["90\n"])
+    logp = -torch.nn.functional.cross_entropy(model(input_ids=batch["ids"]).logits[0, :-1], batch["ids"][0, 1:],
+                                              reduction="none")[-3:].mean()
+    assert x[2, 2].item() == pytest.approx(max(logp.item(), -10) / 2, abs=1e-5)
 
 
 # ----------------------------------------------------------------------------- REINFORCE
@@ -189,24 +205,35 @@ def test_reinforce_gradient_is_zero_when_advantages_are_zero(model, tok):
 
 # ----------------------------------------------------------------------------- generation and the toy world
 
-@pytest.mark.parametrize("line", ["", "23+45", "=68", "23+45=", "23+45=6x", "hello=3", "23++45=68", "@23+45=68"])
+@pytest.mark.parametrize("line", ["", "23+45", "=68", "23+45=", "23+45=6x", "hello=3", "23++45=68", "@23+45=68",
+                                  "x+23=58;x=35", "tri(50)=70"])
 def test_malformed_generations_parse_as_invalid(line):
     assert generator.parse(line) is None
 
 
-def test_well_formed_generation_parses():
-    assert generator.parse("3x+4=19;x=5") == ("3x+4=19;x=", "5")
+def test_a_construction_parses_into_the_problem_it_solves():
+    assert generator.parse("35+23=58") == ("x+23=58;x=", "35")
+    assert generator.parse("3*5+4=19") == ("3*x+4=19;x=", "5")
+    assert generator.parse("tri(50,60)=70") == ("tri(50,x)=70;x=", "60")
+    problem, answer = generator.parse("35+23=59")          # wrong arithmetic: a well-formed example, a wrong answer
+    assert tasks.solve(problem) == "36" != answer
 
 
-def test_checker_solves_every_domain_and_nearby_stays_in_domain():
+def test_checker_solves_every_domain_and_constructions_are_right():
     import random
     rng = random.Random(0)
     for d in tasks.DOMAIN_NAMES:
+        hits = 0
         for _ in range(50):
             p, a = tasks.sample_problem(rng, d)
-            q = tasks.nearby(p, rng)
-            assert tasks.domain_of(p) == tasks.domain_of(q) == d and a is not None and tasks.solve(q) is not None
-    assert tasks.solve("12x+5=41;x=") == "3" and tasks.solve("mul(7,95)=") == "13" and tasks.solve("tri(50,60)=") == "70"
+            assert tasks.domain_of(p) == d and tasks.solve(p) == a
+            for line in tasks.nearby_constructions(p, rng, 4, spread=3):
+                q, x = tasks.from_construction(line)
+                assert tasks.domain_of(q) == d and tasks.solve(q) == x and abs(int(x) - int(a)) <= 3
+                hits += q == p
+        assert 0 < hits < 200          # the target itself is among a perfect generator's constructions, not always
+    assert tasks.solve("12*x+5=41;x=") == "3" and tasks.solve("x*3-17=40;x=") == "19"
+    assert tasks.solve("tri(50,x)=70;x=") == "60" and tasks.solve("7*x=50;x=") is None and tasks.solve("7x=") is None
 
 
 def test_train_and_heldout_are_disjoint():
@@ -257,6 +284,6 @@ def test_room_measures_every_pool(tmp_path, tok):
     subprocess.run([sys.executable, os.path.join(HERE, "room.py"), "--out", str(tmp_path), "--targets", "6",
                     "--m", "2", "--K", "1", "--max-new", "4"], check=True, cwd=HERE, capture_output=True)
     pools = json.loads((tmp_path / "room_a0.03_K1_c0.0.json").read_text())["pools"]
-    assert set(pools) == {"own", "own_greedy", "own_correct", "own_true", "oracle", "random"}
+    assert set(pools) == {"own", "own_greedy", "own_target", "own_correct", "own_true", "oracle", "random"}
     assert all(pools[p]["all"]["n"] == 6 and pools[p]["all"]["dnll"] == pools[p]["all"]["dnll"] for p in pools)
     assert pools["oracle"]["all"]["dnll"] != 0.0     # true examples were trained on: the target's NLL moved
