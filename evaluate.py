@@ -243,8 +243,9 @@ def run(model, tok, eta, psi, phi0, cfg, out, trained=True):
     results = aggregate(per_target, [t[0] for t in targets], diags)
     results["not_applicable"] = {m: NOT_APPLICABLE[m] for m in METHODS if m not in methods}
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "results.json"), "w") as f:
+    with open(os.path.join(out, "results.json.tmp"), "w") as f:
         json.dump(results, f, indent=1)
+    os.replace(os.path.join(out, "results.json.tmp"), os.path.join(out, "results.json"))   # a kill leaves no half file
     print_tables(results)
     print(f"wrote {os.path.join(out, 'results.json')}")
     figures = plots.draw(out)
