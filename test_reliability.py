@@ -1,6 +1,7 @@
 """
 Tests of train.py's reliability: bad input refused before any work, skipped targets and steps counted, the stop
-on too many skips, atomic checkpoints, exact continuation after Ctrl-C or kill -9, determinism.
+on too many skips, atomic checkpoints, exact continuation after Ctrl-C or kill -9, determinism; and torchrun:
+2 processes on the CPU give the eta and psi of one.
 
     OMP_NUM_THREADS=1 python -m pytest -q test_reliability.py
 """
@@ -284,3 +285,22 @@ def test_kill_9_and_rerun_ends_as_an_uninterrupted_run(tmp_path):
     assert "continuing from the checkpoint at meta-step" in again.stdout
     assert same_rows(without_clock(out / "metrics.jsonl"), without_clock(tmp_path / "straight" / "metrics.jsonl"))
     assert (out / "results.json").read_bytes() == (tmp_path / "straight" / "results.json").read_bytes()
+
+
+# ----------------------------------------------------------------------------- torchrun
+
+def test_torchrun_two_processes_give_the_eta_and_psi_of_one(tmp_path, tiny_base):
+    """torchrun --nproc_per_node=2 (gloo, loopback only) against one process, the same global batch and seeds."""
+    args = [*QUICK, "--meta-batch", "4", "--meta-steps", "4", "--eval-targets", "6"]
+    one, two = run_folder(tmp_path, tiny_base, "one"), run_folder(tmp_path, tiny_base, "two")
+    train.main(train.parse_args([*args, "--out", str(one)]))
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    os.path.join(HERE, "train.py"), *args, "--out", str(two)], check=True, cwd=HERE, env=env,
+                   capture_output=True)
+    for name in ("eta.pt", "psi.pt"):
+        a, b = torch.load(one / name), torch.load(two / name)
+        assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+        assert all(torch.equal(a[k], b[k]) for k in a)    # in fact bit for bit: the same additions, same order
+    assert same_rows(without_clock(one / "metrics.jsonl"), without_clock(two / "metrics.jsonl"))
+    assert (one / "results.json").read_bytes() == (two / "results.json").read_bytes()   # evaluation split, gathered

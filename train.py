@@ -6,6 +6,7 @@ then evaluate test-time adaptation on held-out targets.
     python train.py --preset tiny    # the same path on a tiny configuration, in seconds
     python train.py --model DIR --data math_train.jsonl --eval-data math500_test.jsonl   # a real LM (README)
     python train.py --help           # every setting
+    torchrun --nproc_per_node=2 train.py --preset tiny   # data-parallel over 2 processes, the same eta and psi
 Stopped part-way (Ctrl-C, a kill)? The same command continues from the last checkpoint in --out (README: Reliability).
 """
 import argparse
@@ -20,12 +21,14 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 import base_model
 import checkpoint
+import data_parallel
 import evaluate
 import tasks
 from inner_loop import init_lora, lora_targets
@@ -224,10 +227,17 @@ def main(cfg, ready=None):
     """ready: what check_inputs(cfg) returned (checked here when not given)."""
     data_rows, saved = ready or check_inputs(cfg)
     cfg.device = base_model.pick_device(cfg.device)
-    os.makedirs(cfg.out, exist_ok=True)
-    settings = json.dumps(dataclasses.asdict(cfg), indent=1)
-    checkpoint.atomic_write(os.path.join(cfg.out, "config.json"), lambda f: f.write(settings.encode()))
-    model, tok = base_model.load(cfg.model, cfg.device, cfg.dtype) if cfg.model else load_or_pretrain_base(cfg)
+    rank, world, cfg.device = data_parallel.start(cfg.device)   # torchrun: this process's rank, of world; alone 0, 1
+    if rank == 0:
+        os.makedirs(cfg.out, exist_ok=True)
+        settings = json.dumps(dataclasses.asdict(cfg), indent=1)
+        checkpoint.atomic_write(os.path.join(cfg.out, "config.json"), lambda f: f.write(settings.encode()))
+    if rank == 0 or cfg.model:
+        model, tok = base_model.load(cfg.model, cfg.device, cfg.dtype) if cfg.model else load_or_pretrain_base(cfg)
+    if world > 1:                    # torchrun: the other ranks wait for the base rank 0 pretrained, then load it
+        dist.barrier()
+        if rank > 0 and not cfg.model:
+            model, tok = base_model.load(os.path.join(cfg.out, "base"), cfg.device, cfg.dtype)
 
     # ---- the learned parts: scorer eta, generator adapter psi; phi_0, the inner adapter's fixed start
     targets = lora_targets(model, cfg.lora_modules)
@@ -254,9 +264,12 @@ def main(cfg, ready=None):
         running.update(saved["running"])
         done, skipped_steps, window = saved["step"], saved["skipped_steps"], saved["window"]
         checkpoint.restore_rng_states(saved["rng"], rng)
-        print(f"continuing from the checkpoint at meta-step {done} in {cfg.out}")
+        if rank == 0:
+            print(f"continuing from the checkpoint at meta-step {done} in {cfg.out}")
 
     def save_checkpoint(step):   # eta.pt, psi.pt, phi0.pt (what evaluate.py --out reads), then the checkpoint
+        if rank > 0:             # torchrun: rank 0 writes, for every rank (they hold the same eta and psi)
+            return
         psi_cpu = {n: p.detach().cpu() for n, p in psi.items()}
         for name, obj in (("eta", eta.state_dict()), ("psi", psi_cpu), ("phi0", phi0)):
             checkpoint.save(os.path.join(cfg.out, f"{name}.pt"), obj)
@@ -271,22 +284,36 @@ def main(cfg, ready=None):
     else:
         stream = tasks.train_targets(rng)
     log_path = os.path.join(cfg.out, "metrics.jsonl")
-    checkpoint.keep_logged_lines(log_path, done)
-    log = open(log_path, "a")
+    if rank == 0:
+        checkpoint.keep_logged_lines(log_path, done)
+    log = open(log_path if rank == 0 else os.devnull, "a")   # torchrun: rank 0 logs
     stop = checkpoint.stop_signals()
+    params = [*eta.parameters(), *psi.values()]
     bar = tqdm(range(done + 1, cfg.meta_steps + 1), initial=done, total=cfg.meta_steps, desc="meta-training",
-               unit="step")
+               unit="step", disable=rank > 0)
     for step in bar:
         start = time.time()
         rows = []
+        if world > 1:                # torchrun: a row per target for its gradient
+            per_target = torch.zeros(cfg.meta_batch, sum(p.numel() for p in params), device=cfg.device)
         for i in range(cfg.meta_batch):
             _, target, reference = next(stream)
+            if i % world != rank:    # torchrun: each rank takes every world-th target of the meta-batch
+                continue
             gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + (step - 1) * cfg.meta_batch + i)
             rows.append(meta_step(model, tok, eta, psi, phi0, target, reference, cfg, gen,
                                   running, grad_scale=1 / cfg.meta_batch))
+            if world > 1:            # torchrun: this target's gradient, kept apart for the sum in target order
+                per_target[i] = data_parallel.take_grads(params)
+        stopping = list(stop)        # a signal arriving from here on is seen after the next step
+        if world > 1:                # torchrun: one all-reduce of the gradients; every target's rows on every rank
+            data_parallel.sum_grads(per_target, params)
+            gathered = data_parallel.gather((rows, stopping))
+            rows = data_parallel.in_order([r for r, _ in gathered], cfg.meta_batch)
+            stopping = [s for _, signals in gathered for s in signals][:1]
         # an update only when some target parsed and every loss and gradient is finite; else eta and psi stay
         learned = [r for r in rows if not r["skipped"]]
-        grads = [p.grad for p in [*eta.parameters(), *psi.values()] if p.grad is not None]
+        grads = [p.grad for p in params if p.grad is not None]
         finite = all(math.isfinite(r[k]) for r in learned for k in ("L_before", "L_after", "surrogate", "g_norm"))
         update = bool(learned) and finite and all(torch.isfinite(g).all() for g in grads)
         if update:
@@ -309,28 +336,33 @@ def main(cfg, ready=None):
                    "sec_per_step": sum(window["seconds"]) / len(window["seconds"])}
             log.write(json.dumps(row) + "\n")
             log.flush()
-            bar.write(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+            if rank == 0:
+                bar.write(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
             window = {"rows": [], "seconds": [], "skipped_steps": 0}
             too_many = skipped_steps > cfg.max_skip_share * step
-        if step % cfg.checkpoint_every == 0 or too_many or stop:
+        if step % cfg.checkpoint_every == 0 or too_many or stopping:
             save_checkpoint(step)
-        if too_many or stop:
+        if too_many or stopping:
             log.close()
             checkpoint.default_signals()
         if too_many:
             sys.exit(f"stopped at meta-step {step}: {skipped_steps} meta-steps skipped their update (no target parsed, "
                      f"or a non-finite loss or gradient), more than --max-skip-share {cfg.max_skip_share} of them; "
-                     f"see {log_path}; the checkpoint in {cfg.out} continues the run")
-        if stop:
-            print(f"stopped at meta-step {step}: the same command continues from the checkpoint", file=sys.stderr)
-            sys.exit(128 + stop[0])
+                     f"see {log_path}; the checkpoint in {cfg.out} continues the run" if rank == 0 else 1)
+        if stopping:
+            if rank == 0:
+                print(f"stopped at meta-step {step}: the same command continues from the checkpoint", file=sys.stderr)
+            sys.exit(128 + stopping[0])
     checkpoint.default_signals()
     log.close()
     save_checkpoint(cfg.meta_steps)
-    print(f"saved eta, psi and phi_0 in {cfg.out}; meta-training log in {log_path}")
+    if rank == 0:
+        print(f"saved eta, psi and phi_0 in {cfg.out}; meta-training log in {log_path}")
 
-    # ---- held-out evaluation of every method
-    evaluate.run(model, tok, eta, {n: p.detach() for n, p in psi.items()}, phi0, cfg, cfg.out)
+    # ---- held-out evaluation of every method (torchrun: each rank takes every world-th target; rank 0 writes)
+    evaluate.run(model, tok, eta, {n: p.detach() for n, p in psi.items()}, phi0, cfg, cfg.out, rank=rank, world=world)
+    if world > 1:
+        dist.destroy_process_group()
 
 
 def ema(mean, x, rate=0.05):
