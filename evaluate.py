@@ -239,7 +239,7 @@ def run(model, tok, eta, psi, phi0, cfg, out, trained=True, rank=0, world=1):
     targets, rows = heldout(cfg)
     mine = []
     for i in tqdm(range(rank, len(targets), world), desc="evaluating", unit="target", disable=rank > 0):
-        domain, target, reference, answer = targets[i]
+        _, target, reference, answer = targets[i]
         mine.append(evaluate_target(model, tok, eta, psi, phi0, cfg, methods, target, reference, answer, rows,
                                     seed=cfg.seed + 10_000 + i))
     if world > 1:   # torchrun: every rank's results, in the targets' order
