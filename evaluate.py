@@ -28,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 import base_model
+import data_parallel
 import plots
 import tasks
 from generator import answer_end, answer_prompt, decode, synthesize
@@ -234,22 +235,29 @@ def heldout(cfg):
     return targets, tasks.load_jsonl(cfg.data) if cfg.data and cfg.eval_data else rows
 
 
-def run(model, tok, eta, psi, phi0, cfg, out, trained=True):
+def run(model, tok, eta, psi, phi0, cfg, out, trained=True, rank=0, world=1):
     """Evaluates every method that makes sense on the held-out targets; prints tables, writes results.json.
-    trained: eta and psi come from meta-training (else only no_adapt, random_ttt and self_uniform are run)."""
+    trained: eta and psi come from meta-training (else only no_adapt, random_ttt and self_uniform are run).
+    rank, world: under torchrun, this rank evaluates every world-th target and rank 0 gathers, prints and writes
+    (the other ranks return None); a target's result depends only on its index, so results.json is the same."""
     methods = methods_for(cfg, trained)
     targets, rows = heldout(cfg)
-    per_target, diags = [], []
-    for i, (domain, target, reference, answer) in enumerate(tqdm(targets, desc="evaluating", unit="target")):
-        result, diag = evaluate_target(model, tok, eta, psi, phi0, cfg, methods, target, reference, answer, rows,
-                                       seed=cfg.seed + 10_000 + i)
-        per_target.append(result)
-        diags.append(diag)
+    mine = []
+    for i in tqdm(range(rank, len(targets), world), desc="evaluating", unit="target", disable=rank > 0):
+        _, target, reference, answer = targets[i]
+        mine.append(evaluate_target(model, tok, eta, psi, phi0, cfg, methods, target, reference, answer, rows,
+                                    seed=cfg.seed + 10_000 + i))
+    if world > 1:   # torchrun: every rank's results, in the targets' order
+        mine = data_parallel.in_order(data_parallel.gather(mine), len(targets))
+        if rank > 0:
+            return None
+    per_target, diags = [r for r, _ in mine], [d for _, d in mine]
     results = aggregate(per_target, [t[0] for t in targets], diags)
     results["not_applicable"] = {m: NOT_APPLICABLE[m] for m in METHODS if m not in methods}
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "results.json"), "w") as f:
+    with open(os.path.join(out, "results.json.tmp"), "w") as f:
         json.dump(results, f, indent=1)
+    os.replace(os.path.join(out, "results.json.tmp"), os.path.join(out, "results.json"))   # a kill leaves no half file
     print_tables(results)
     print(f"wrote {os.path.join(out, 'results.json')}")
     figures = plots.draw(out)

@@ -63,12 +63,12 @@ def meta_training(metrics_path, path):
     panels = [("improvement", "L_before - L_after (nats)"), ("w_mean", "mean scorer weight w"),
               ("w_hit_minus_other", "w(right answer to T) - w(other)"), ("correct", "generator's correct share"),
               ("hits", "share of right answers to T"), ("reward", "generator reward")]
-    panels = [(k, label) for k, label in panels if rows and k in rows[0]]
+    panels = [(k, label) for k, label in panels if any(k in r for r in rows)]   # a line of skipped steps has none
     if not panels:
         return None
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3))
     for ax, (k, label) in zip(list(axes) if len(panels) > 1 else [axes], panels):
-        ax.plot([r["targets"] for r in rows], [r[k] for r in rows], marker=".")
+        ax.plot([r["targets"] for r in rows], [r.get(k, float("nan")) for r in rows], marker=".")
         ax.set_title(label, fontsize=9)
         ax.set_xlabel("meta-training targets")
     fig.tight_layout()
