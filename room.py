@@ -61,7 +61,12 @@ def measure(args):
         with torch.no_grad():
             L_before = outer_loss(model, phi0, scale, target_batch).item()
         row = {"domain": domain, "base_right": decode(model, [], scale, tok, [tasks.BOS + T], args.max_new)[0] == R}
-        for name, pool in pools_for(model, tok, T, args.m, args.max_new, rng, gen).items():
+        pools = pools_for(model, tok, T, args.m, args.max_new, rng, gen)
+        own = [(p, a, tasks.solve(p) == a) for p, a, _ in pools["own"]]        # the base's pool, checked
+        row.update(own_correct_share=sum(ok for _, _, ok in own) / args.m,
+                   own_hit_share=sum(ok and p == T for p, _, ok in own) / args.m,
+                   own_has_hit=float(any(ok and p == T for p, _, ok in own)))
+        for name, pool in pools.items():
             if not pool:    # nothing to train on: no update
                 row[name], row[name + "_right"] = 0.0, row["base_right"]
                 continue
@@ -77,10 +82,11 @@ def measure(args):
 
 
 def table(rows):
-    """dnll mean ± s.e. per pool (columns), overall, on base-wrong targets and per domain (rows); medians in JSON."""
+    """dnll mean ± s.e. per pool (columns), overall, on base-wrong targets and per domain (rows), medians in JSON;
+    then the quality of the base's own pool."""
     subsets = {"all": rows, "base wrong": [r for r in rows if not r["base_right"]]}
     subsets.update({d: [r for r in rows if r["domain"] == d] for d in tasks.DOMAIN_NAMES})
-    out = {pool: {} for pool in POOLS}
+    out, quality = {pool: {} for pool in POOLS}, {}
     print("\nchange of the target answer's NLL after the inner loop, nats; change of greedy accuracy; mean ± s.e.")
     print(f"{'targets':14s}{'n':>5s}" + "".join(f"{pool:>16s}" for pool in POOLS))
     for k, sub in subsets.items():
@@ -95,7 +101,15 @@ def table(rows):
             acc_cells.append(f"{acc:+9.3f} ±{acc_se:5.3f}")
         print(f"{k[:14]:14s}{len(sub):5d}" + "".join(dnll_cells))
         print(f"{'  accuracy':14s}{'':5s}" + "".join(acc_cells))
-    return out
+    print("\nthe base and its own pool: greedy accuracy on T; share of its m examples that are right, and that are "
+          "T itself with the right answer (hits); share of targets with at least one hit")
+    print(f"{'targets':14s}{'n':>5s}{'base acc':>10s}{'correct':>10s}{'hits':>10s}{'has hit':>10s}")
+    for k, sub in subsets.items():
+        shares = [mean_se([float(r[key]) for r in sub])[0] for key in
+                  ("base_right", "own_correct_share", "own_hit_share", "own_has_hit")]
+        quality[k] = dict(zip(("base_acc", "correct", "hits", "has_hit"), shares))
+        print(f"{k[:14]:14s}{len(sub):5d}" + "".join(f"{s:10.3f}" for s in shares))
+    return out, quality
 
 
 if __name__ == "__main__":
@@ -113,7 +127,8 @@ if __name__ == "__main__":
     parser.add_argument("--max-new", type=int, default=24)
     args = parser.parse_args()
     torch.manual_seed(args.seed)
-    result = {"settings": vars(args), "pools": table(measure(args))}
+    pools, quality = table(measure(args))
+    result = {"settings": vars(args), "pools": pools, "own_pool": quality}
     modules = "" if args.lora_modules == "auto" else "_" + args.lora_modules.replace(",", "+")
     name = f"room_a{args.alpha}_K{args.K}_c{args.inner_clip}{modules}.json"
     with open(os.path.join(args.out, name), "w") as f:

@@ -3,13 +3,14 @@ Problems: the embedded toy math world (the stand-in for MATH) and answer checkin
 
 Every toy problem asks for the unknown x of an equation: `x+23=58;x=` -> `35`. Its *construction* is the same
 equation solved forward, with x's value written in: `35+23=58`. Solving needs the inverse operation (58 - 23);
-constructing needs only the forward one (35 + 23), and a model can do that more reliably. This is the asymmetry that
-self-synthesis exploits: the generator writes constructions (pick an x near what T's x looks like, compute forward),
-each one a solved practice problem whose answer is right whenever the forward arithmetic is, and a construction
-whose equation is T itself solves T. Five domains: three where solving needs a division that constructing does not
-(a*x=c, a*x+b=c, x*a-b=c), and two controls where both ways take one subtraction. Each has a seeded sampler,
-`nearby()` (what a perfect generator would write) and a checker that solves ANY well-formed problem, so synthetic
-examples can be checked for diagnostics. The checker never feeds training.
+constructing needs only the forward one (35 + 23), which the base model may do more reliably (room.py measures it,
+per domain). This is the asymmetry that self-synthesis exploits: the generator writes constructions (it picks an x
+near what T's x looks like and computes forward), each one a solved practice problem whose answer is right whenever
+its forward arithmetic is, and a construction whose equation is T itself is a candidate answer to T.
+
+Five domains, a*x=c, a*x+b=c, x-b=c, x+b=c and a triangle's third angle, each with a seeded sampler,
+`nearby_constructions()` (what a perfect generator writes) and a checker that solves ANY well-formed problem, so
+synthetic examples can be checked for diagnostics. The checker never feeds training.
 
     python tasks.py        # prints a few problems and constructions of each domain
 """
@@ -30,14 +31,13 @@ TARGET_MARK = "@"    # '@T' opens a block of practice constructions written for 
 DOMAINS = {  # name: (left-hand side, value, sampler)
     "multiplication": ("{a}*{x}", lambda a, x: a * x,                 # solving needs a division
                        lambda r: dict(a=r.randint(2, 9), x=r.randint(10, 99))),
-    "linear_plus": ("{a}*{x}+{b}", lambda a, x, b: a * x + b,         # a subtraction, then a division
-                    lambda r: dict(a=r.randint(2, 9), x=r.randint(10, 99), b=r.randint(10, 99))),
-    "linear_minus": ("{x}*{a}-{b}", lambda x, a, b: x * a - b,        # an addition, then a division
-                     lambda r: (lambda x, a: dict(x=x, a=a, b=r.randint(10, min(99, a * x - 1))))(
-                         r.randint(10, 99), r.randint(2, 9))),
-    "addition": ("{x}+{b}", lambda x, b: x + b,                       # control: solving is one subtraction,
-                 lambda r: dict(x=r.randint(10, 59), b=r.randint(10, 39))),   # as easy as constructing
-    "angles": ("tri({a},{x})", lambda a, x: 180 - a - x,              # control: both ways one subtraction
+    "linear": ("{a}*{x}+{b}", lambda a, x, b: a * x + b,              # a subtraction, then a division
+               lambda r: dict(a=r.randint(2, 9), x=r.randint(10, 99), b=r.randint(10, 99))),
+    "subtraction": ("{x}-{b}", lambda x, b: x - b,                    # solving needs an addition
+                    lambda r: (lambda b: dict(x=r.randint(b + 10, 99), b=b))(r.randint(10, 59))),
+    "addition": ("{x}+{b}", lambda x, b: x + b,                       # solving needs a subtraction
+                 lambda r: dict(x=r.randint(10, 59), b=r.randint(10, 39))),
+    "angles": ("tri({a},{x})", lambda a, x: 180 - a - x,              # the third angle of a triangle
                lambda r: (lambda a: dict(a=a, x=r.randint(20, 150 - a)))(r.randint(20, 99))),
 }
 DOMAIN_NAMES = list(DOMAINS)
