@@ -126,10 +126,12 @@ def meta_step(model, tok, eta, psi, phi0, target, reference, cfg, gen, running, 
                              cfg.inner_clip or None)
     g_hat = g / (attribution_scale(g, running["g_norm"], cfg.eta_grad_norm) + 1e-8)  # raw g is heavy-tailed
     w.backward(g_hat * grad_scale)         # eq. 4: dL_out/d eta = sum_i g_i dw_i/d eta, into eta.grad
-    # eq. 5: REINFORCE for psi, reward = -g_i (attribution) + the post-update improvement, mean baseline
+    # eq. 5: REINFORCE for psi, reward = -g_i (attribution) + the post-update improvement, mean baseline.
+    # reward_norm "target" scales every target's g to norm 1; "running" keeps its size relative to a typical target's
     improvement = (L_before - L_after).item()
-    reward = -g_hat + cfg.improvement_coef * (improvement - running["improvement"])
-    advantage = reward - (-g_hat).mean()   # the attribution part minus its mean over the m samples
+    g_reward = g / (attribution_scale(g, running["g_norm"], cfg.reward_norm) + 1e-8)
+    reward = -g_reward + cfg.improvement_coef * (improvement - running["improvement"])
+    advantage = reward - (-g_reward).mean()   # the attribution part minus its mean over the m samples
     logp = log_prob(model, psi, cfg.lora_scale, tok, target, [e["line"] for e in valid], cfg.natural)  # (m,)
     surrogate = reinforce_surrogate(logp, advantage)
     (surrogate * grad_scale).backward()

@@ -296,8 +296,9 @@ def test_torchrun_two_processes_give_the_eta_and_psi_of_one(tmp_path, tiny_base)
     """torchrun --nproc_per_node=2 (gloo, loopback only) against one process, the same global batch and seeds."""
     args = [*QUICK, "--meta-batch", "4", "--meta-steps", "4", "--eval-targets", "6"]
     one, two = run_folder(tmp_path, tiny_base, "one"), run_folder(tmp_path, tiny_base, "two")
-    train.main(train.parse_args([*args, "--out", str(one)]))
-    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}   # one thread each: same arithmetic
+    subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *args, "--out", str(one)], check=True, cwd=HERE,
+                   env=env, capture_output=True)
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                     os.path.join(HERE, "train.py"), *args, "--out", str(two)], check=True, cwd=HERE, env=env,
                    capture_output=True)

@@ -69,9 +69,9 @@ class Config:
     temperature: float = arg(1.0, "sampling temperature of the generator")
     max_new: int = arg(24, "most tokens per generated example")
     answer_with: str = arg("sample", "answers to train on: sample (as generated) | greedy (the base re-answers p_i)")
-    K: int = arg(4, "inner SGD steps (step 3)")
-    alpha: float = arg(0.03, "inner learning rate")
-    inner_clip: float = arg(0.0, "clip each inner step's gradient norm to this, a guard against wrecking updates (0: off)")
+    K: int = arg(8, "inner SGD steps (step 3)")
+    alpha: float = arg(0.2, "inner learning rate")
+    inner_clip: float = arg(0.5, "clip each inner step's gradient norm to this, a guard against wrecking updates (0: off)")
     lora_rank: int = arg(4, "rank of the inner adapter phi and the generator adapter psi")
     lora_alpha: float = arg(4.0, "LoRA scale numerator: the update is (lora_alpha / lora_rank) B A")
     lora_modules: str = arg("auto", "comma-separated names of the linear layers that get adapters; auto: by family "
@@ -81,8 +81,10 @@ class Config:
     meta_steps: int = arg(150, "meta-training steps (each one Adam step of eta and psi)")
     meta_batch: int = arg(8, "targets per meta-step")
     eta_lr: float = arg(0.03, "Adam learning rate of the scorer eta")
-    psi_lr: float = arg(1e-3, "Adam learning rate of the generator adapter psi (REINFORCE)")
+    psi_lr: float = arg(3e-4, "Adam learning rate of the generator adapter psi (REINFORCE)")
     improvement_coef: float = arg(1.0, "weight of the post-update improvement in the generator's reward")
+    reward_norm: str = arg("target", "divide each target's dL_out/dw, for the generator's reward, by: target (its "
+                           "own norm) | running (a running typical norm, capping one target at 3x typical)")
     eta_grad_norm: str = arg("target", "divide each target's dL_out/dw by: target (its own norm) | running (a "
                              "running typical norm, capping one target at 3x typical)")
     scorer_width: int = arg(32, "hidden width of the scorer")
@@ -120,7 +122,8 @@ AT_LEAST_0 = ["meta_steps", "limit", "temperature", "inner_clip", "improvement_c
 ABOVE_0 = ["alpha", "eta_lr", "psi_lr", "pretrain_lr", "lora_alpha"]
 SHARES = ["block_share", "max_skip_share"]      # from 0 to 1
 CHOICES = {"dtype": base_model.DTYPES, "outer_target": ("solution", "answer"), "meta_grad": ("unroll", "replay"),
-           "eta_grad_norm": ("target", "running"), "answer_with": ("sample", "greedy")}
+           "eta_grad_norm": ("target", "running"), "reward_norm": ("target", "running"),
+           "answer_with": ("sample", "greedy")}
 
 
 class Parser(argparse.ArgumentParser):
