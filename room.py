@@ -12,7 +12,7 @@ measures ceilings, the numbers that say what eta and psi could at best achieve o
   random        m random training problems with true answers (= random_ttt)
 
     python room.py --out runs/default                        # the demo's base and inner loop, 300 targets
-    python room.py --out runs/default --alpha 0.1 --inner-clip 1 --K 8
+    python room.py --out runs/default --alpha 0.05
     python room.py --out runs/default --lora-modules q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj
 """
 import argparse
@@ -118,9 +118,9 @@ if __name__ == "__main__":
     parser.add_argument("--targets", type=int, default=300, help="held-out targets, balanced over the domains")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--m", type=int, default=8, help="examples per pool")
-    parser.add_argument("--K", type=int, default=4, help="inner steps")
-    parser.add_argument("--alpha", type=float, default=0.03, help="inner learning rate")
-    parser.add_argument("--inner-clip", type=float, default=0.0, help="inner gradient-norm clip (0: off)")
+    parser.add_argument("--K", type=int, default=8, help="inner steps")
+    parser.add_argument("--alpha", type=float, default=0.2, help="inner learning rate")
+    parser.add_argument("--inner-clip", type=float, default=0.5, help="inner gradient-norm clip (0: off)")
     parser.add_argument("--lora-modules", default="auto")
     parser.add_argument("--lora-rank", type=int, default=4)
     parser.add_argument("--lora-alpha", type=float, default=4.0)

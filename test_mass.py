@@ -282,7 +282,8 @@ def test_train_tiny_end_to_end(tmp_path):
 def test_room_measures_every_pool(tmp_path, tok):
     base_model.save(tiny_model(tok), tok, str(tmp_path / "base"))
     subprocess.run([sys.executable, os.path.join(HERE, "room.py"), "--out", str(tmp_path), "--targets", "6",
-                    "--m", "2", "--K", "1", "--max-new", "4"], check=True, cwd=HERE, capture_output=True)
+                    "--m", "2", "--K", "1", "--alpha", "0.03", "--inner-clip", "0", "--max-new", "4"], check=True, cwd=HERE,
+                   capture_output=True)
     pools = json.loads((tmp_path / "room_a0.03_K1_c0.0.json").read_text())["pools"]
     assert set(pools) == {"own", "own_greedy", "own_target", "own_correct", "own_true", "oracle", "random"}
     assert all(pools[p]["all"]["n"] == 6 and pools[p]["all"]["dnll"] == pools[p]["all"]["dnll"] for p in pools)

@@ -80,8 +80,8 @@ class Config:
     # meta-training: eqs. 3-5
     meta_steps: int = arg(150, "meta-training steps (each one Adam step of eta and psi)")
     meta_batch: int = arg(8, "targets per meta-step")
-    eta_lr: float = arg(0.03, "Adam learning rate of the scorer eta")
-    psi_lr: float = arg(3e-4, "Adam learning rate of the generator adapter psi (REINFORCE)")
+    eta_lr: float = arg(0.01, "Adam learning rate of the scorer eta")
+    psi_lr: float = arg(1e-4, "Adam learning rate of the generator adapter psi (REINFORCE)")
     improvement_coef: float = arg(1.0, "weight of the post-update improvement in the generator's reward")
     reward_norm: str = arg("target", "divide each target's dL_out/dw, for the generator's reward, by: target (its "
                            "own norm) | running (a running typical norm, capping one target at 3x typical)")
