@@ -46,7 +46,7 @@ def build_model(vocab_size, hidden=128, layers=4, heads=4, intermediate=512, max
 # ----------------------------------------------------------------------------- pretraining on the toy world
 
 def pretraining_item(rng, block_share):
-    """A block (probability block_share): a target and four constructions near it; else, as often, a solved
+    """A block (probability block_share): a target and four constructions near it; else, with equal odds, a solved
     problem or a construction."""
     d = rng.choice(tasks.DOMAIN_NAMES)
     problem, answer = tasks.sample_problem(rng, d, "train")
