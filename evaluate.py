@@ -122,7 +122,7 @@ def evaluate_target(model, tok, eta, psi, phi0, cfg, methods, target, reference,
 def diagnostics(model, tok, phi0, cfg, target, target_batch, base_pool, mass_pool, base):
     """What meta-training learned, on this target: pool quality, and how eta's weights rank examples.
     Real data: only the share of valid examples (correctness needs the toy world's checker)."""
-    d = {}
+    d, truth = {}, None if cfg.natural else tasks.solve(target)
     for name, pool in (("base", base_pool), ("mass", mass_pool)):
         if pool is None:
             continue
@@ -134,8 +134,7 @@ def diagnostics(model, tok, phi0, cfg, target, target_batch, base_pool, mass_poo
                                      for e in valid) / len(pool)
         d[f"{name}_correct"] = sum(tasks.solve(e["problem"]) == e["answer"] for e in valid) / len(pool)
         d[f"{name}_is_target"] = sum(e["problem"] == target for e in valid) / len(pool)
-        d[f"{name}_solves_target"] = float(any(e["problem"] == target and e["answer"] == tasks.solve(target)
-                                               for e in valid))
+        d[f"{name}_solves_target"] = float(any(e["problem"] == target and e["answer"] == truth for e in valid))
     if base is not None and not cfg.natural:
         prompts, answers, w, correct = base
         _, g = attribution(model, phi0, cfg.lora_scale, encode(tok, prompts, answers, model.device),

@@ -5,7 +5,7 @@ measures ceilings, the numbers that say what eta and psi could at best achieve o
 
   own           the base's own constructions, as written, uniform weights (= self_uniform)
   own_greedy    the same problems, answered greedily by the base (solving instead of constructing)
-  own_target    only the own examples whose problem is T itself (a filter the scorer's is-T feature allows)
+  own_target    weight 2 on the own examples whose problem is T itself, 0 on the rest (the is-T feature's filter)
   own_correct   the own examples whose answer the checker says is right (a perfect scorer's filter)
   own_true      the own problems with the checker's true answers (a generator whose arithmetic is always right)
   oracle        m true constructions near T (tasks.nearby: a perfect generator)
