@@ -10,6 +10,7 @@ pretrained LLM can do when asked. Nothing is downloaded.
     python base_model.py    # pretrains the default base for 200 steps and prints the loss
 """
 import math
+import os
 import random
 import time
 
@@ -17,9 +18,13 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer, Regex, decoders, models, pre_tokenizers
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM,
+                          PreTrainedTokenizerFast)
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 import tasks
+from config import DTYPES, pick_device
+from inner_loop import init_lora, lora_targets
 
 CHARS = "\n" + "".join(chr(c) for c in range(32, 127))
 
@@ -101,16 +106,6 @@ def save(model, tok, folder):
     tok.save_pretrained(folder)
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def pick_device(name):
-    """A torch device name; 'auto' is cuda when a GPU is visible, else cpu."""
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
 def load(folder, device="cpu", dtype="float32"):
     """Any local Hugging Face causal LM and its tokenizer, frozen, with eager attention (the meta-gradient's
     double backward needs it). dtype: "float32" or "bfloat16", the weights' type (adapters stay float32)."""
@@ -121,6 +116,22 @@ def load(folder, device="cpu", dtype="float32"):
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return model, tok
+
+
+def check(folder, lora_modules, lora_rank, option="--model"):
+    """Refuse (ValueError, one line naming `option` and the folder) what load() could not use: no folder, no
+    config.json, a model type that is not a causal LM, no layers for the adapters. Reads the config alone: the model
+    is built on the meta device, no weights are read."""
+    if not os.path.isdir(folder):
+        raise ValueError(f"{option} {folder}: no such folder")
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise ValueError(f"{option} {folder}: not a Hugging Face model folder (no config.json)")
+    config = AutoConfig.from_pretrained(folder)
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ValueError(f"{option} {folder}: model type {config.model_type!r} is not a causal LM")
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    init_lora(model, lora_targets(model, lora_modules), lora_rank)   # raises: no such layers, rank too large
 
 
 if __name__ == "__main__":

@@ -6,14 +6,14 @@ Held-out test-time adaptation: every method on the same targets, per domain and 
   self_uniform  the untrained generator's examples (the base itself), uniform weights
   scorer_only   the untrained generator's examples (the same ones), weights from the trained scorer eta
   mass          the trained generator's examples (base + psi), weights from eta
-  oracle        m true problems near T from the toy world (an upper bound, for reference)
+  oracle        m true problems near T, from a world with a checker (the toy world; a reference, not a bound)
 
 Measures per target: dnll, the change of the answer's NLL (nats) after adaptation, and greedy accuracy.
 Methods are compared paired on the same targets (mean, s.e., median, sign test).
 
-Real data (--eval-data, MATH/GSM8K JSONL): dnll is on the reference solution (or \\boxed{answer}, --outer-target),
-a greedy solution is graded with tasks.is_equiv on its extracted final answer, domains are subjects, random_ttt
-trains on random rows with their solutions, and oracle and the toy checker's diagnostics are n/a.
+The held-out targets, the prompts, the grading and the random_ttt pool come from the world (world.py). Real data
+(--eval-data, MATH/GSM8K JSONL): dnll is on the reference solution (or \\boxed{answer}, --outer-target), domains are
+subjects, and oracle and the checker's diagnostics are n/a.
 
     python evaluate.py --out runs/default    # re-evaluate a saved run
     python evaluate.py --model DIR --eval-data math500_test.jsonl --limit 5    # no run: untrained scorer, psi = 0
@@ -28,12 +28,12 @@ import torch
 from tqdm import tqdm
 
 import base_model
+import config
 import data_parallel
 import plots
-import tasks
-from generator import answer_end, answer_prompt, decode, synthesize
+from generator import decode, synthesize
 from inner_loop import adapt, encode, init_lora, lora_targets
-from meta_step import attribution, example_features, outer_loss, target_batch_for, training_pairs
+from meta_step import attribution, example_features, outer_loss, target_batch, training_pairs
 from scorer import Scorer, weights_from_scores
 
 METHODS = ["no_adapt", "random_ttt", "self_uniform", "scorer_only", "mass", "oracle"]
@@ -44,66 +44,53 @@ NOT_APPLICABLE = {"oracle": "real data has no toy world to draw nearby true prob
                   "mass": "no trained scorer or generator: the same as self_uniform"}
 
 
-def methods_for(cfg, trained):
-    """The methods that make sense: oracle needs the toy world; scorer_only and mass need a meta-trained run."""
-    return [m for m in METHODS if not (m == "oracle" and cfg.natural)
+def methods_for(world, trained):
+    """The methods that make sense: oracle needs a world with a checker; scorer_only and mass a meta-trained run."""
+    return [m for m in METHODS if not (m == "oracle" and not world.has_checker)
             and not (m in ("scorer_only", "mass") and not trained)]
 
 
 # ----------------------------------------------------------------------------- one target, every method
 
-def scored(model, tok, eta, target, pool, cfg):
+def scored(model, tok, world, eta, target, pool, cfg):
     """(prompts, answers, scorer weights, correct flags) of a generated pool, or None if nothing parsed.
-    Correct flags come from the toy world's checker (None for real data)."""
-    valid, prompts, answers, consistent = training_pairs(pool, cfg.answer_with, tok, cfg.natural)
+    Correct flags come from the world's checker (None without one)."""
+    valid, prompts, answers, consistent = training_pairs(world, pool, cfg.answer_with, tok)
     if not valid:
         return None
-    x = example_features(model, tok, target, valid, prompts, answers, consistent, cfg.natural)
+    x = example_features(model, tok, world, target, valid, prompts, answers, consistent)
     with torch.no_grad():
         w = weights_from_scores(eta(x))
-    correct = None if cfg.natural else [tasks.solve(e["problem"]) == a.strip() for e, a in zip(valid, answers)]
+    correct = [world.solve(e["problem"]) == a.strip() for e, a in zip(valid, answers)] if world.has_checker else None
     return prompts, answers, w, correct
 
 
-def random_examples(tok, cfg, rng, target, rows):
-    """random_ttt's m examples with true answers: random toy problems, or random rows other than T with their
-    reference solutions (real data)."""
-    if cfg.natural:
-        others = [r for r in rows if r["problem"] != target]
-        if not others:
-            raise ValueError("random_ttt needs rows other than the target: give --data or a longer --eval-data")
-        pairs = [(r["problem"], r["solution"]) for r in (rng.choice(others) for _ in range(cfg.m))]
-    else:
-        pairs = [tasks.sample_problem(rng, rng.choice(tasks.DOMAIN_NAMES)) for _ in range(cfg.m)]
-    end = answer_end(tok, cfg.natural)
-    return [answer_prompt(tok, p, cfg.natural) for p, _ in pairs], [a + end for _, a in pairs], torch.ones(cfg.m)
+def as_sft(tok, world, examples):
+    """(prompts, answers, uniform weights) of fixed (problem, answer) examples, ready for the inner loop."""
+    end = world.answer_end(tok)
+    return ([world.answer_prompt(tok, p) for p, _ in examples], [a + end for _, a in examples],
+            torch.ones(len(examples)))
 
 
-def graded(predicted, answer, natural):
-    """Is a greedy answer right: the same line (toy world), or an equivalent extracted final answer (real data)."""
-    return tasks.is_equiv(tasks.extract_answer(predicted), answer) if natural else predicted == answer
-
-
-def evaluate_target(model, tok, eta, psi, phi0, cfg, methods, target, reference, answer, rows, seed):
+def evaluate_target(model, tok, world, eta, psi, phi0, cfg, methods, target, reference, answer, seed):
     """{method: (dnll, correct)} for one target, plus diagnostics of the generated pools.
     reference: R*, the text dnll is measured on; answer: what a greedy answer is graded against (the same in the
-    toy world); rows: the real-data rows random_ttt draws from."""
+    toy world)."""
     rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
-    target_batch = target_batch_for(tok, target, reference, cfg, model.device)
-    sample = lambda adapter: synthesize(model, adapter, cfg.lora_scale, tok, target, cfg.m, cfg.temperature,
-                                        cfg.max_new, gen, cfg.natural)
+    T_batch = target_batch(world, tok, target, reference, cfg.max_len, model.device)
+    sample = lambda adapter: synthesize(model, adapter, cfg.lora_scale, tok, world, target, cfg.m, cfg.temperature,
+                                        cfg.max_new, gen)
     base_pool = sample({})
     mass_pool = sample(psi) if "mass" in methods else None
-    base = scored(model, tok, eta, target, base_pool, cfg)
-    trained = mass_pool and scored(model, tok, eta, target, mass_pool, cfg)
+    base = scored(model, tok, world, eta, target, base_pool, cfg)
+    trained = mass_pool and scored(model, tok, world, eta, target, mass_pool, cfg)
     ones = lambda s: None if s is None else (s[0], s[1], torch.ones_like(s[2]))
-    data = {"no_adapt": None, "random_ttt": random_examples(tok, cfg, rng, target, rows),
+    data = {"no_adapt": None, "random_ttt": as_sft(tok, world, world.random_examples(rng, target, cfg.m)),
             "self_uniform": ones(base), "scorer_only": base and base[:3], "mass": trained and trained[:3]}
     if "oracle" in methods:
-        nearby = [tasks.nearby(target, rng) for _ in range(cfg.m)]
-        data["oracle"] = ([tasks.BOS + p for p in nearby], [tasks.solve(p) + "\n" for p in nearby], torch.ones(cfg.m))
+        data["oracle"] = as_sft(tok, world, world.oracle_examples(rng, target, cfg.m))
     with torch.no_grad():
-        L_before = outer_loss(model, phi0, cfg.lora_scale, target_batch).item()
+        L_before = outer_loss(model, phi0, cfg.lora_scale, T_batch).item()
     result = {}
     for method in methods:
         phi = phi0
@@ -112,35 +99,36 @@ def evaluate_target(model, tok, eta, psi, phi0, cfg, methods, target, reference,
             phi = adapt(model, phi0, cfg.lora_scale, encode(tok, prompts, answers, model.device, cfg.max_len),
                         w.to(model.device), cfg.alpha, cfg.K, max_norm=cfg.inner_clip or None)[-1]
         with torch.no_grad():
-            dnll = outer_loss(model, phi, cfg.lora_scale, target_batch).item() - L_before
-        predicted = decode(model, [phi], cfg.lora_scale, tok, [answer_prompt(tok, target, cfg.natural)], cfg.max_new,
-                           stop=None if cfg.natural else "\n")[0]
-        result[method] = (dnll, graded(predicted, answer, cfg.natural))
-    return result, diagnostics(model, tok, phi0, cfg, target, target_batch, base_pool, mass_pool, base)
+            dnll = outer_loss(model, phi, cfg.lora_scale, T_batch).item() - L_before
+        predicted = decode(model, [phi], cfg.lora_scale, tok, [world.answer_prompt(tok, target)], cfg.max_new,
+                           stop=world.stop)[0]
+        result[method] = (dnll, world.is_correct(predicted, answer))
+    return result, diagnostics(model, tok, world, phi0, cfg, target, T_batch, base_pool, mass_pool, base)
 
 
-def diagnostics(model, tok, phi0, cfg, target, target_batch, base_pool, mass_pool, base):
+def diagnostics(model, tok, world, phi0, cfg, target, T_batch, base_pool, mass_pool, base):
     """What meta-training learned, on this target: pool quality, and how eta's weights rank examples.
-    Real data: only the share of valid examples (correctness needs the toy world's checker)."""
-    d, truth = {}, None if cfg.natural else tasks.solve(target)
+    Without a checker (real data): only the share of valid examples."""
+    d = {}
     for name, pool in (("base", base_pool), ("mass", mass_pool)):
         if pool is None:
             continue
         valid = [e for e in pool if e["valid"]]
         d[f"{name}_valid"] = len(valid) / len(pool)
-        if cfg.natural:
+        if not world.has_checker:
             continue
-        d[f"{name}_in_domain"] = sum(tasks.domain_of(e["problem"]) == tasks.domain_of(target)
+        truth = world.solve(target)
+        d[f"{name}_in_domain"] = sum(world.domain_of(e["problem"]) == world.domain_of(target)
                                      for e in valid) / len(pool)
-        d[f"{name}_correct"] = sum(tasks.solve(e["problem"]) == e["answer"] for e in valid) / len(pool)
+        d[f"{name}_correct"] = sum(world.solve(e["problem"]) == e["answer"] for e in valid) / len(pool)
         d[f"{name}_is_target"] = sum(e["problem"] == target for e in valid) / len(pool)
         d[f"{name}_solves_target"] = float(any(e["problem"] == target and e["answer"] == truth for e in valid))
-    if base is not None and not cfg.natural:
+    if base is not None and world.has_checker:
         prompts, answers, w, correct = base
         _, g = attribution(model, phi0, cfg.lora_scale, encode(tok, prompts, answers, model.device),
-                           torch.ones_like(w), target_batch, cfg.alpha, cfg.K, cfg.meta_grad, cfg.inner_clip or None)
+                           torch.ones_like(w), T_batch, cfg.alpha, cfg.K, cfg.meta_grad, cfg.inner_clip or None)
         d["auc_weights"] = auc(w.tolist(), correct)            # does eta rank correct above wrong examples?
-        hits = [ok and p == answer_prompt(tok, target, False) for p, ok in zip(prompts, correct)]
+        hits = [ok and p == world.answer_prompt(tok, target) for p, ok in zip(prompts, correct)]
         d["auc_weights_hits"] = auc(w.tolist(), hits)          # ... and right answers to T itself above the rest?
         d["auc_attribution"] = auc((-g).tolist(), correct)     # does -g_i (helpfulness) rank them?
         d["corr_weights_attribution"] = correlation(w.tolist(), (-g).tolist())
@@ -221,32 +209,19 @@ def aggregate(per_target, domains, diags):
 
 # ----------------------------------------------------------------------------- the whole evaluation
 
-def heldout(cfg):
-    """The evaluation targets as (domain, T, R*, answer), and the real-data rows random_ttt draws from (None in the
-    toy world): the first rows of --eval-data (or of --data, not held out), else toy held-out problems."""
-    if not cfg.natural:
-        return [(d, t, a, a) for d, t, a in tasks.heldout_targets(cfg.eval_targets, seed=cfg.seed + 1000)], None
-    rows = tasks.load_jsonl(cfg.eval_data or cfg.data)
-    if not cfg.eval_data:
-        print(f"no --eval-data: evaluating on rows of {cfg.data}, the meta-training data (not held out)")
-    targets = [(r["domain"], r["problem"], tasks.reference(r, cfg.outer_target), r["answer"])
-               for r in rows[:cfg.limit or cfg.eval_targets]]
-    return targets, tasks.load_jsonl(cfg.data) if cfg.data and cfg.eval_data else rows
-
-
-def run(model, tok, eta, psi, phi0, cfg, out, trained=True, rank=0, world=1):
-    """Evaluates every method that makes sense on the held-out targets; prints tables, writes results.json.
+def run(model, tok, world, eta, psi, phi0, cfg, out, trained=True, rank=0, ranks=1):
+    """Evaluates every method that makes sense on the world's held-out targets; prints tables, writes results.json.
     trained: eta and psi come from meta-training (else only no_adapt, random_ttt and self_uniform are run).
-    rank, world: under torchrun, this rank evaluates every world-th target and rank 0 gathers, prints and writes
+    rank, ranks: under torchrun, this rank evaluates every ranks-th target and rank 0 gathers, prints and writes
     (the other ranks return None); a target's result depends only on its index, so results.json is the same."""
-    methods = methods_for(cfg, trained)
-    targets, rows = heldout(cfg)
+    methods = methods_for(world, trained)
+    targets = world.heldout()
     mine = []
-    for i in tqdm(range(rank, len(targets), world), desc="evaluating", unit="target", disable=rank > 0):
+    for i in tqdm(range(rank, len(targets), ranks), desc="evaluating", unit="target", disable=rank > 0):
         _, target, reference, answer = targets[i]
-        mine.append(evaluate_target(model, tok, eta, psi, phi0, cfg, methods, target, reference, answer, rows,
+        mine.append(evaluate_target(model, tok, world, eta, psi, phi0, cfg, methods, target, reference, answer,
                                     seed=cfg.seed + 10_000 + i))
-    if world > 1:   # torchrun: every rank's results, in the targets' order
+    if ranks > 1:   # torchrun: every rank's results, in the targets' order
         mine = data_parallel.in_order(data_parallel.gather(mine), len(targets))
         if rank > 0:
             return None
@@ -286,7 +261,6 @@ def print_tables(results):
 
 if __name__ == "__main__":
     import sys
-    import train   # the settings are train.py's Config, their one list; only this script block reads train.py
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)
     parser.add_argument("--out", default="runs/default", help="a run folder written by train.py")
@@ -296,8 +270,8 @@ if __name__ == "__main__":
                         "untrained scorer and psi = 0; every train.py setting applies, --out defaults to runs/eval")
     args, rest = parser.parse_known_args()
     if args.model:   # no run: settings from the command line, an untrained scorer (uniform weights), psi = 0
-        cfg = train.parse_args(["--out", "runs/eval", "--meta-steps", "0", *sys.argv[1:]])   # later ones win
-        cfg.device = base_model.pick_device(cfg.device)
+        cfg = config.parse_args(["--out", "runs/eval", "--meta-steps", "0", *sys.argv[1:]])   # later ones win
+        cfg.device = config.pick_device(cfg.device)
         model, tok = base_model.load(cfg.model, cfg.device, cfg.dtype)
         eta = Scorer(model.config.hidden_size, cfg.scorer_width).to(cfg.device)
         psi, trained = {}, False
@@ -307,7 +281,7 @@ if __name__ == "__main__":
             parser.error(f"unrecognized arguments: {' '.join(rest)} (train.py's settings need --model)")
         with open(os.path.join(args.out, "config.json")) as f:
             saved = json.load(f)
-        cfg = train.Config(**{k: v for k, v in saved.items() if k in train.Config.__dataclass_fields__})
+        cfg = config.Config(**{k: v for k, v in saved.items() if k in config.Config.__dataclass_fields__})
         cfg.out, cfg.eval_targets = args.out, args.eval_targets or cfg.eval_targets
         cfg.limit = args.limit if args.limit is not None else cfg.limit
         model, tok = base_model.load(cfg.model or os.path.join(args.out, "base"), cfg.device, cfg.dtype)
@@ -315,4 +289,4 @@ if __name__ == "__main__":
         eta.load_state_dict(torch.load(os.path.join(args.out, "eta.pt")))
         psi = {n: p.to(cfg.device) for n, p in torch.load(os.path.join(args.out, "psi.pt")).items()}
         phi0, trained = torch.load(os.path.join(args.out, "phi0.pt"), map_location=cfg.device), True
-    run(model, tok, eta, psi, phi0, cfg, cfg.out, trained)
+    run(model, tok, config.make_world(cfg), eta, psi, phi0, cfg, cfg.out, trained)

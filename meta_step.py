@@ -15,8 +15,7 @@ Both give the same numbers to round-off (test_mass.py checks them against each o
 """
 import torch
 
-import tasks
-from generator import answer_end, answer_prompt, log_prob, synthesize
+from generator import log_prob, synthesize
 from inner_loop import adapt, answer_nll, clip_by_norm, encode, inner_loss
 from scorer import features, weights_from_scores
 
@@ -71,58 +70,48 @@ def reinforce_surrogate(logp, advantage):
     return -(advantage.detach() * logp).mean()
 
 
-def agree(a, b, natural):
-    """Two answers to one problem agree: the same line (toy world), or equivalent final answers of two solutions."""
-    return tasks.is_equiv(tasks.extract_answer(a), tasks.extract_answer(b)) if natural else a == b
-
-
-def training_pairs(examples, answer_with, tok, natural):
+def training_pairs(world, examples, answer_with, tok):
     """The valid examples as (prompts, answers) for the inner SFT; answers sampled or the base's greedy ones.
     Also whether the base's greedy answer agrees with each trained-on answer (a scorer feature)."""
     valid = [e for e in examples if e["valid"]]
     answers = [e["greedy"] if answer_with == "greedy" else e["answer"] for e in valid]
-    consistent = [agree(e["greedy"], a, natural) for e, a in zip(valid, answers)]
-    return (valid, [answer_prompt(tok, e["problem"], natural) for e in valid],
-            [a + answer_end(tok, natural) for a in answers], consistent)
+    consistent = [world.same_answer(e["greedy"], a) for e, a in zip(valid, answers)]
+    return (valid, [world.answer_prompt(tok, e["problem"]) for e in valid],
+            [a + world.answer_end(tok) for a in answers], consistent)
 
 
-def example_features(model, tok, target, valid, prompts, answers, consistent, natural):
+def example_features(model, tok, world, target, valid, prompts, answers, consistent):
     """Step 2's inputs: scorer.features of the valid examples, given whether each p_i is T and each example as
-    written (a toy construction `35+23=58` as the prompt `35+23=` and its value; a real one as trained on)."""
+    the generator wrote it (the world says how: a toy construction `35+23=58` as `35+23=` and its value)."""
     is_target = [e["problem"] == target for e in valid]
-    if natural:
-        written = (prompts, answers)
-    else:
-        split = [e["line"].rpartition("=") for e in valid]
-        written = ([tasks.BOS + lhs + "=" for lhs, _, _ in split], [value + "\n" for _, _, value in split])
-    return features(model, tok, answer_prompt(tok, target, natural), prompts, answers, consistent, is_target, written)
+    written = zip(*[world.as_written(e["line"], p, a) for e, p, a in zip(valid, prompts, answers)])
+    return features(model, tok, world.answer_prompt(tok, target), prompts, answers, consistent, is_target,
+                    tuple(map(list, written)))
 
 
-def target_batch_for(tok, target, reference, cfg, device):
+def target_batch(world, tok, target, reference, max_len, device):
     """T and R* encoded for the outer loss: R* is the answer (toy world) or the reference solution (real data)."""
-    return encode(tok, [answer_prompt(tok, target, cfg.natural)], [reference + answer_end(tok, cfg.natural)], device,
-                  cfg.max_len)
+    return encode(tok, [world.answer_prompt(tok, target)], [reference + world.answer_end(tok)], device, max_len)
 
 
-def meta_step(model, tok, eta, psi, phi0, target, reference, cfg, gen, running, grad_scale):
+def meta_step(model, tok, world, eta, psi, phi0, target, reference, cfg, gen, running, grad_scale):
     """One target's contribution to the meta-gradients: accumulates into eta's and psi's .grad, returns metrics.
     reference: R*, the answer (toy world) or the reference solution (real data) that L_out is measured on.
     running: running means across targets, "improvement" (the reward baseline) and "g_norm"."""
     # step 1: synthesize m examples with the generator theta = base + psi
-    examples = synthesize(model, psi, cfg.lora_scale, tok, target, cfg.m, cfg.temperature, cfg.max_new, gen,
-                          cfg.natural)
-    valid, prompts, answers, consistent = training_pairs(examples, cfg.answer_with, tok, cfg.natural)
+    examples = synthesize(model, psi, cfg.lora_scale, tok, world, target, cfg.m, cfg.temperature, cfg.max_new, gen)
+    valid, prompts, answers, consistent = training_pairs(world, examples, cfg.answer_with, tok)
     if not valid:
         return {"skipped": 1, "valid": 0.0}
     # step 2: score them
-    x = example_features(model, tok, target, valid, prompts, answers, consistent, cfg.natural)
+    x = example_features(model, tok, world, target, valid, prompts, answers, consistent)
     w = weights_from_scores(eta(x))                                                  # (m,)
     # step 3 and eq. 3: the inner update and the loss after it; eq. 4: g_i = dL_out/dw_i
     batch = encode(tok, prompts, answers, model.device, cfg.max_len)
-    target_batch = target_batch_for(tok, target, reference, cfg, model.device)
+    T_batch = target_batch(world, tok, target, reference, cfg.max_len, model.device)
     with torch.no_grad():
-        L_before = outer_loss(model, phi0, cfg.lora_scale, target_batch)
-    L_after, g = attribution(model, phi0, cfg.lora_scale, batch, w, target_batch, cfg.alpha, cfg.K, cfg.meta_grad,
+        L_before = outer_loss(model, phi0, cfg.lora_scale, T_batch)
+    L_after, g = attribution(model, phi0, cfg.lora_scale, batch, w, T_batch, cfg.alpha, cfg.K, cfg.meta_grad,
                              cfg.inner_clip or None)
     g_hat = g / (attribution_scale(g, running["g_norm"], cfg.eta_grad_norm) + 1e-8)  # raw g is heavy-tailed
     w.backward(g_hat * grad_scale)         # eq. 4: dL_out/d eta = sum_i g_i dw_i/d eta, into eta.grad
@@ -132,15 +121,15 @@ def meta_step(model, tok, eta, psi, phi0, target, reference, cfg, gen, running, 
     g_reward = g / (attribution_scale(g, running["g_norm"], cfg.reward_norm) + 1e-8)
     reward = -g_reward + cfg.improvement_coef * (improvement - running["improvement"])
     advantage = reward - (-g_reward).mean()   # the attribution part minus its mean over the m samples
-    logp = log_prob(model, psi, cfg.lora_scale, tok, target, [e["line"] for e in valid], cfg.natural)  # (m,)
+    logp = log_prob(model, psi, cfg.lora_scale, tok, world, target, [e["line"] for e in valid])  # (m,)
     surrogate = reinforce_surrogate(logp, advantage)
     (surrogate * grad_scale).backward()
     metrics = {"skipped": 0, "valid": len(valid) / len(examples), "L_before": L_before.item(),
                "L_after": L_after.item(), "improvement": improvement, "reward": reward.mean().item(),
                "surrogate": surrogate.item(), "w_mean": w.mean().item(), "g_mean": g.mean().item(),
                "g_norm": g.norm().item()}
-    if not cfg.natural:   # diagnostics from the toy world's checker; real problems have none
-        correct = [tasks.solve(e["problem"]) == a.strip() for e, a in zip(valid, answers)]
+    if world.has_checker:   # diagnostics from the world's checker (the toy world); never used in training
+        correct = [world.solve(e["problem"]) == a.strip() for e, a in zip(valid, answers)]
         hits = [e["problem"] == target and ok for e, ok in zip(valid, correct)]
         metrics.update(correct=sum(correct) / len(correct), hits=sum(hits) / len(examples),
                        w_correct_minus_wrong=_gap(w.detach(), correct), w_hit_minus_other=_gap(w.detach(), hits))

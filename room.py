@@ -33,10 +33,10 @@ from meta_step import outer_loss
 POOLS = ["own", "own_greedy", "own_target", "own_correct", "own_true", "oracle", "random"]
 
 
-def pools_for(model, tok, target, m, max_new, rng, gen):
+def pools_for(model, tok, world, target, m, max_new, rng, gen):
     """The pools of (problem, answer, weight) for one target (a pool may be empty). A filter keeps the whole pool
     and gives weight 2 to what it keeps and 0 to the rest: the most a scorer with w = 2 sigma(s) can do."""
-    own = [e for e in synthesize(model, {}, 1.0, tok, target, m, 1.0, max_new, gen) if e["valid"]]
+    own = [e for e in synthesize(model, {}, 1.0, tok, world, target, m, 1.0, max_new, gen) if e["valid"]]
     nearby = [tasks.nearby(target, rng) for _ in range(m)]
     randoms = [tasks.sample_problem(rng, rng.choice(tasks.DOMAIN_NAMES)) for _ in range(m)]
     keep = lambda e, kept: (e["problem"], e["answer"], 2.0 * kept)
@@ -53,15 +53,14 @@ def measure(args):
     model, tok = base_model.load(os.path.join(args.out, "base"))
     phi0 = init_lora(model, lora_targets(model, args.lora_modules), args.lora_rank, seed=args.seed + 1)
     scale = args.lora_alpha / args.lora_rank
-    rows = []
-    for i, (domain, T, R) in enumerate(tqdm(tasks.heldout_targets(args.targets, seed=args.seed + 1000),
-                                            desc="room", unit="target")):
+    world, rows = tasks.ToyWorld(args.targets, args.seed), []
+    for i, (domain, T, R, _) in enumerate(tqdm(world.heldout(), desc="room", unit="target")):
         rng, gen = random.Random(args.seed + 10_000 + i), torch.Generator().manual_seed(args.seed + 10_000 + i)
         target_batch = encode(tok, [tasks.BOS + T], [R + "\n"])
         with torch.no_grad():
             L_before = outer_loss(model, phi0, scale, target_batch).item()
         row = {"domain": domain, "base_right": decode(model, [], scale, tok, [tasks.BOS + T], args.max_new)[0] == R}
-        pools = pools_for(model, tok, T, args.m, args.max_new, rng, gen)
+        pools = pools_for(model, tok, world, T, args.m, args.max_new, rng, gen)
         own = [(p, a, tasks.solve(p) == a) for p, a, _ in pools["own"]]        # the base's pool, checked
         row.update(own_correct_share=sum(ok for _, _, ok in own) / args.m,
                    own_hit_share=sum(ok and p == T for p, _, ok in own) / args.m,

@@ -1,5 +1,6 @@
 """
-Problems: the embedded toy math world (the stand-in for MATH) and answer checking.
+The embedded toy math world (the stand-in for MATH): problems, constructions, a checker, and `ToyWorld`, the world
+interface of world.py for it.
 
 Every toy problem asks for the unknown x of an equation: `x+23=58;x=` -> `35`. Its *construction* is the same
 equation solved forward, with x's value written in: `35+23=58`. Solving needs the inverse operation (58 - 23);
@@ -14,9 +15,6 @@ synthetic examples can be checked for diagnostics. The checker never feeds train
 
     python tasks.py        # prints a few problems and constructions of each domain
 """
-import json
-import math
-import os
 import random
 import re
 import zlib
@@ -160,159 +158,57 @@ def train_targets(rng):
         yield (d, *sample_problem(rng, d, "train"))
 
 
-# ---- real data: MATH / GSM8K JSONL, answer extraction and grading
-# The same checks for real data: the final answer of a worked solution, MATH's answer normalisation (after
-# Hendrycks et al.'s `is_equiv` and the math-evaluation-harness), and a loader for MATH- and GSM8K-style JSONL.
+# ----------------------------------------------------------------------------- the toy world, as a world (world.py)
 
-def _last_boxed(text):
-    """The content of the last \\boxed{...} or \\fbox{...} (nested braces balanced; `\\boxed 5` gives 5), or None."""
-    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
-    if start < 0:
-        return None
-    i = start + (6 if text.startswith("\\boxed", start) else 5)
-    if text[i:i + 1] == " ":                          # \boxed 5: up to the next space or '$'
-        return re.split(r"[\s$]", text[i + 1:], maxsplit=1)[0] or None
-    if text[i:i + 1] != "{":
-        return None
-    depth, j = 0, i
-    while j < len(text):
-        if text[j] == "\\":                           # skip \{ and \}: literal braces, not grouping
-            j += 2
-            continue
-        depth += {"{": 1, "}": -1}.get(text[j], 0)
-        if depth == 0:
-            return text[i + 1:j]
-        j += 1
-    return None                                       # the box is never closed
+class ToyWorld:
+    """The toy world behind the interface in world.py: one-line problems and constructions, a newline ends every
+    text, answers are graded by exact match, and the checker above solves any problem."""
+    stop = "\n"
+    has_checker = True
 
+    def __init__(self, n_heldout, seed):
+        self.n_heldout, self.seed = n_heldout, seed
 
-def _gsm8k_number(text):
-    """The number after GSM8K's final '#### ', thousands commas removed, or None."""
-    if "####" not in text:
-        return None
-    return text.rsplit("####", 1)[1].strip().replace(",", "") or None
+    def train_targets(self, rng):
+        return train_targets(rng)                    # (domain, T, R*): R* is the answer itself
 
+    def heldout(self):
+        return [(d, t, a, a) for d, t, a in heldout_targets(self.n_heldout, seed=self.seed + 1000)]
 
-def extract_answer(text):
-    """The final answer of a worked solution: the last \\boxed{} (or \\fbox{}), else GSM8K's '#### N', else None."""
-    if not isinstance(text, str):
-        return None
-    boxed = _last_boxed(text)
-    return boxed if boxed is not None else _gsm8k_number(text)
+    def practice_prompt(self, tok, target):
+        return f"{BOS}{TARGET_MARK}{target}\n"        # `@T` on a fresh line opens a block of constructions
 
+    def parse(self, text):
+        return from_construction(text)               # `35+23=58` -> (`x+23=58;x=`, `35`)
 
-def _normalise(s):
-    """An answer string in a canonical form: MATH's formatting, units and equivalent spellings taken out."""
-    s = s.replace("\n", "").replace("{,}", "").replace(",\\!", "")   # 10{,}000 and 10,\!000: thousands marks
-    for mark in ["\\left", "\\right", "\\!", "\\,", "\\;", "\\:", "^{\\circ}", "^\\circ", "\\$", "$", "\\%", "%"]:
-        s = s.replace(mark, "")
-    s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
-    s = s.replace("\\mbox{", "\\text{").replace("\\textbf{", "\\text{")
-    units = re.fullmatch(r"(.+?)\\text\{[^{}]*\}(\^\{?\d\}?)?", s.strip())   # 5\text{ cm}^2 -> 5
-    if units:
-        s = units.group(1)
-    s = re.sub(r"\\text\{([^{}]*)\}", r"\1", s)      # \text{east} -> east
-    sides = s.split("=")
-    if len(sides) == 2 and len(sides[0].strip()) <= 2:
-        s = sides[1]                                  # x = 5 -> 5
-    s = s.strip()
-    if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s):
-        s = s.replace(",", "")                        # 1,000 -> 1000, but (1,2) and 1, 2 keep theirs
-    s = s.replace(" ", "").rstrip(".")
-    s = re.sub(r"\\sqrt(\w)", r"\\sqrt{\1}", s)       # \sqrt3 -> \sqrt{3}
-    s = re.sub(r"\\frac(\w)", r"\\frac{\1}", s)         # \frac12 -> \frac{1}2
-    s = re.sub(r"\\frac(\{[^{}]*\})(\w)", r"\\frac\1{\2}", s)   # \frac{1}2 -> \frac{1}{2}
-    if re.fullmatch(r"\([A-Z]\)", s):
-        s = s[1]                                      # (C) -> C
-    return s
+    def as_written(self, text, prompt, answer):
+        lhs, _, value = text.rpartition("=")         # `35+23=58` as the prompt `35+23=` and its value `58`
+        return BOS + lhs + "=", value + "\n"
 
+    def answer_prompt(self, tok, problem):
+        return BOS + problem
 
-def _to_number(s):
-    """The value of a normalised answer that is a plain number, a/b or \\frac{a}{b}; None otherwise."""
-    s = re.sub(r"^(-?)\\frac\{([^{}]*)\}\{([^{}]*)\}$", r"\1\2/\3", s)   # -\frac{a}{b} -> -a/b
-    parts = s.split("/")
-    if len(parts) > 2 or not all(re.fullmatch(r"-?(\d+(\.\d*)?|\.\d+)", p) for p in parts):   # 5, -2.5, .5
-        return None
-    numbers = [float(p) for p in parts]
-    if not all(math.isfinite(n) for n in numbers):
-        return None                                   # too large for a float: compare as text only
-    if len(numbers) == 1:
-        return numbers[0]
-    return numbers[0] / numbers[1] if numbers[1] != 0 else None   # a/b; a/0 is no number
+    def answer_end(self, tok):
+        return "\n"
 
+    def is_correct(self, predicted, answer):
+        return predicted == answer
 
-def is_equiv(pred, gold, rel_tol=1e-6):
-    """Whether two answers match after `_normalise`, or as numbers within `rel_tol`; False (no error) for garbage."""
-    if not isinstance(pred, str) or not isinstance(gold, str):
-        return False
-    a, b = _normalise(pred), _normalise(gold)
-    if a == b:
-        return a != ""
-    x, y = _to_number(a), _to_number(b)
-    return x is not None and y is not None and math.isclose(x, y, rel_tol=rel_tol, abs_tol=1e-12)
+    def same_answer(self, a, b):
+        return a == b
 
+    def random_examples(self, rng, target, m):
+        return [sample_problem(rng, rng.choice(DOMAIN_NAMES)) for _ in range(m)]   # train split: never T
 
-def _parse_row(row, where):
-    """One JSONL row as {domain, problem, solution, answer}; `where` is 'file:line' for the error messages."""
-    if not isinstance(row, dict):
-        raise ValueError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
-    if "problem" in row:                              # MATH: problem, solution, subject or type, answer optional
-        fields = ["problem", "solution", "subject" if "subject" in row else "type"]
-    elif "question" in row:                           # GSM8K: question, answer ending in '#### N'
-        fields = ["question", "answer"]
-    else:
-        raise ValueError(f"{where}: neither MATH ('problem') nor GSM8K ('question') fields; has {sorted(row)}")
-    missing = [f for f in fields if not isinstance(row.get(f), str)]
-    if missing:
-        raise ValueError(f"{where}: missing or non-string field(s) {', '.join(missing)}")
-    if "question" in row:
-        answer = _gsm8k_number(row["answer"])
-        if answer is None:
-            raise ValueError(f"{where}: the GSM8K answer has no final '#### N'")
-        return {"domain": "gsm8k", "problem": row["question"], "solution": row["answer"], "answer": answer}
-    answer = str(row["answer"]) if row.get("answer") is not None else extract_answer(row["solution"])
-    if answer is None:
-        raise ValueError(f"{where}: no 'answer' field and no \\boxed{{}} in the solution")
-    return {"domain": row[fields[2]], "problem": row["problem"], "solution": row["solution"], "answer": answer}
+    def solve(self, problem):
+        return solve(problem)
 
+    def domain_of(self, problem):
+        return domain_of(problem)
 
-def load_jsonl(path):
-    """A MATH- or GSM8K-style JSONL file as [{domain, problem, solution, answer}]; errors name the file and line."""
-    if not os.path.isfile(path):
-        raise ValueError(f"{path}: no such file")
-    with open(path, "rb") as f:
-        raw = f.read()
-    try:
-        text = raw.decode("utf-8-sig")                # a leading byte-order mark is allowed
-    except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise ValueError(f"{path}:{line}: not UTF-8 (byte {e.start})") from None
-    rows = []
-    for number, line in enumerate(text.split("\n"), 1):   # not splitlines(): JSON strings may hold U+2028
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{number}: not JSON ({e.msg}, column {e.colno})") from None
-        rows.append(_parse_row(row, f"{path}:{number}"))
-    if not rows:
-        raise ValueError(f"{path}: empty file, no rows")
-    return rows
-
-
-def reference(row, outer_target):
-    """R* of a row, the text the outer loss is measured on: its worked solution, or its answer alone as \\boxed{}."""
-    if outer_target not in ("solution", "answer"):
-        raise ValueError(f"outer_target must be 'solution' or 'answer', not {outer_target!r}")
-    return row["solution"] if outer_target == "solution" else f"\\boxed{{{row['answer']}}}"
-
-
-def row_targets(rows, rng, outer_target):
-    """An endless stream of (domain, problem, R*) meta-training targets drawn from load_jsonl rows."""
-    while True:
-        row = rng.choice(rows)
-        yield row["domain"], row["problem"], reference(row, outer_target)
+    def oracle_examples(self, rng, target, m):
+        nearby_problems = [nearby(target, rng) for _ in range(m)]
+        return [(p, solve(p)) for p in nearby_problems]
 
 
 if __name__ == "__main__":

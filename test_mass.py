@@ -22,6 +22,7 @@ from meta_step import attribution, example_features, outer_loss, reinforce_surro
 from scorer import N_SCALARS, Scorer, weights_from_scores
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+TOY = tasks.ToyWorld(n_heldout=12, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -170,9 +171,9 @@ def test_features_of_constructions(model, tok):
     target = "7*x=84;x="
     lines = ["7*12=84", "7*11=77", "7*13=90"]               # T itself, right; another, right; another, wrong
     examples = [{"line": line, "valid": True, "problem": p, "answer": a, "greedy": "12"}
-                for line, (p, a) in zip(lines, map(generator.parse, lines))]
-    valid, prompts, answers, consistent = training_pairs(examples, "sample", tok, natural=False)
-    x = example_features(model, tok, target, valid, prompts, answers, consistent, natural=False)
+                for line, (p, a) in zip(lines, map(TOY.parse, lines))]
+    valid, prompts, answers, consistent = training_pairs(TOY, examples, "sample", tok)
+    x = example_features(model, tok, TOY, target, valid, prompts, answers, consistent)
     assert x.shape == (3, N_SCALARS + 2 * 32)
     assert x[:, 4].tolist() == [1, -1, -1] and x[:, 5].tolist() == [1, -1, -1]   # consistent with greedy; is T
     # the written construction's confidence is the base's log-prob of the value after '=' given the rest
@@ -197,7 +198,7 @@ def test_reinforce_matches_hand_computed_policy_gradient():
 
 def test_reinforce_gradient_is_zero_when_advantages_are_zero(model, tok):
     psi = {n: p.requires_grad_() for n, p in random_adapter(model).items()}
-    logp = generator.log_prob(model, psi, 1.0, tok, "23+45=", ["24+45=69", "7*12=84"])
+    logp = generator.log_prob(model, psi, 1.0, tok, TOY, "23+45=", ["24+45=69", "7*12=84"])
     assert logp.shape == (2,) and (logp < 0).all()
     reinforce_surrogate(logp, torch.zeros(2)).backward()
     assert all(p.grad is not None and p.grad.abs().max() == 0 for p in psi.values())
@@ -208,14 +209,14 @@ def test_reinforce_gradient_is_zero_when_advantages_are_zero(model, tok):
 @pytest.mark.parametrize("line", ["", "23+45", "=68", "23+45=", "23+45=6x", "hello=3", "23++45=68", "@23+45=68",
                                   "x+23=58;x=35", "tri(50)=70"])
 def test_malformed_generations_parse_as_invalid(line):
-    assert generator.parse(line) is None
+    assert TOY.parse(line) is None
 
 
 def test_a_construction_parses_into_the_problem_it_solves():
-    assert generator.parse("35+23=58") == ("x+23=58;x=", "35")
-    assert generator.parse("3*5+4=19") == ("3*x+4=19;x=", "5")
-    assert generator.parse("tri(50,60)=70") == ("tri(50,x)=70;x=", "60")
-    problem, answer = generator.parse("35+23=59")          # wrong arithmetic: a well-formed example, a wrong answer
+    assert TOY.parse("35+23=58") == ("x+23=58;x=", "35")
+    assert TOY.parse("3*5+4=19") == ("3*x+4=19;x=", "5")
+    assert TOY.parse("tri(50,60)=70") == ("tri(50,x)=70;x=", "60")
+    problem, answer = TOY.parse("35+23=59")          # wrong arithmetic: a well-formed example, a wrong answer
     assert tasks.solve(problem) == "36" != answer
 
 

@@ -17,10 +17,12 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaC
 
 import base_model
 import evaluate
+import config
 import generator
-import tasks
+import math_data
 import train
 from inner_loop import encode, forward, lora_targets
+from math_data import MathWorld
 from meta_step import training_pairs
 from test_mass import random_adapter
 
@@ -47,7 +49,7 @@ REALDATA = os.path.join(HERE, "..", "shared", "realdata")
     (None, None),
 ])
 def test_extract_answer(text, answer):
-    assert tasks.extract_answer(text) == answer
+    assert math_data.extract_answer(text) == answer
 
 
 @pytest.mark.parametrize("pred, gold, same", [
@@ -99,8 +101,8 @@ def test_extract_answer(text, answer):
     ("\\boxed{", "}}{{", False),                                                # garbage: False, no error
 ])
 def test_is_equiv(pred, gold, same):
-    assert tasks.is_equiv(pred, gold) is same
-    assert tasks.is_equiv(gold, pred) is same
+    assert math_data.is_equiv(pred, gold) is same
+    assert math_data.is_equiv(gold, pred) is same
 
 
 def test_load_jsonl_reads_both_formats_and_skips_blank_lines(tmp_path):
@@ -109,7 +111,7 @@ def test_load_jsonl_reads_both_formats_and_skips_blank_lines(tmp_path):
             {"problem": "2+2?", "solution": "4", "answer": "4", "subject": "Prealgebra", "level": 1},
             {"question": "How many?", "answer": "Some.\n#### 1,200"}]
     path.write_text("\n".join(json.dumps(r) for r in rows[:2]) + "\n\n" + json.dumps(rows[2]) + "\n", encoding="utf-8")
-    assert tasks.load_jsonl(str(path)) == [
+    assert math_data.load_jsonl(str(path)) == [
         {"domain": "Algebra", "problem": "1+1?", "solution": "It is $\\boxed{2}$.", "answer": "2"},
         {"domain": "Prealgebra", "problem": "2+2?", "solution": "4", "answer": "4"},
         {"domain": "gsm8k", "problem": "How many?", "solution": "Some.\n#### 1,200", "answer": "1200"}]
@@ -134,7 +136,7 @@ def test_load_jsonl_errors_name_file_and_line(tmp_path, content, message):
     if content is not None:
         path.write_bytes(content)
     with pytest.raises(ValueError) as error:
-        tasks.load_jsonl(str(path))
+        math_data.load_jsonl(str(path))
     assert str(path) in str(error.value) and message in str(error.value) and "\n" not in str(error.value)
 
 
@@ -146,20 +148,20 @@ def realdata(name):
 
 
 def test_realdata_math500_extraction_agrees_with_answers():
-    rows = tasks.load_jsonl(realdata("math500_test.jsonl"))
-    wrong = [r["answer"] for r in rows if not tasks.is_equiv(tasks.extract_answer(r["solution"]), r["answer"])]
+    rows = math_data.load_jsonl(realdata("math500_test.jsonl"))
+    wrong = [r["answer"] for r in rows if not math_data.is_equiv(math_data.extract_answer(r["solution"]), r["answer"])]
     assert len(rows) == 500 and len(wrong) <= 1, wrong
 
 
 def test_realdata_gsm8k_extracts_every_final_number():
-    rows = tasks.load_jsonl(realdata("gsm8k_test.jsonl"))
+    rows = math_data.load_jsonl(realdata("gsm8k_test.jsonl"))
     finals = [r["solution"].split("####")[-1].strip().replace(",", "") for r in rows]
-    assert len(rows) == 1319 and [tasks.extract_answer(r["solution"]) for r in rows] == finals
+    assert len(rows) == 1319 and [math_data.extract_answer(r["solution"]) for r in rows] == finals
     assert all(r["answer"] == f and r["domain"] == "gsm8k" and re.fullmatch(r"-?\d+", f) for r, f in zip(rows, finals))
 
 
 def test_realdata_math_train_sample_loads_with_answers():
-    rows = tasks.load_jsonl(realdata("math_train_sample.jsonl"))
+    rows = math_data.load_jsonl(realdata("math_train_sample.jsonl"))
     assert len(rows) == 1000 and all(r["answer"] is not None and r["domain"] for r in rows)
 
 
@@ -259,17 +261,17 @@ def test_lora_targets_without_a_match_name_the_model_and_the_names_tried():
     ("Problem: What is 2+3? \\boxed{5}", None),                                 # no solution part
 ])
 def test_worked_examples_parse(text, parsed):
-    assert generator.parse_worked(text) == parsed
+    assert math_data.parse_worked(text) == parsed
 
 
 def test_chat_prompt_has_one_bos_and_plain_prompt_without_template():
     tok = char_tokenizer_with_eos()
-    assert generator.chat(tok, "hi") == "hi\n\n"
+    assert math_data.chat(tok, "hi") == "hi\n\n"
     tok.add_special_tokens({"bos_token": "<bos>"})
     tok._tokenizer.post_processor = processors.TemplateProcessing(
         single="<bos> $A", special_tokens=[("<bos>", tok.bos_token_id)])      # the tokenizer adds BOS, as Llama 3's
     tok.chat_template = "{{ bos_token }}" + CHAT                               # and so does the template
-    ids = tok(generator.chat(tok, "hi"))["input_ids"]
+    ids = tok(math_data.chat(tok, "hi"))["input_ids"]
     assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
     assert tok.decode(ids[1:]) == "<|user|>\nhi<eos>\n<|assistant|>\n"
 
@@ -277,8 +279,8 @@ def test_chat_prompt_has_one_bos_and_plain_prompt_without_template():
 def test_natural_sft_example_trains_on_its_solution_and_eos(hf_models):
     model, tok = base_model.load(hf_models["llama"])
     example = {"valid": True, "problem": "What is 1+2?", "answer": "1+2=3, so \\boxed{3}.", "greedy": "It is \\boxed{3.0}"}
-    valid, prompts, answers, consistent = training_pairs([example], "sample", tok, natural=True)
-    assert prompts == ["<|user|>\n" + generator.SOLVE.format(problem="What is 1+2?") + "<eos>\n<|assistant|>\n"]
+    valid, prompts, answers, consistent = training_pairs(MathWorld(None, None, 1), [example], "sample", tok)
+    assert prompts == ["<|user|>\n" + math_data.SOLVE.format(problem="What is 1+2?") + "<eos>\n<|assistant|>\n"]
     assert consistent == [True]                              # the greedy final answer 3.0 agrees with 3
     batch = encode(tok, prompts, answers)
     assert tok.decode(batch["ids"][0][batch["mask"][0] == 1]) == "1+2=3, so \\boxed{3}.<eos>"
@@ -288,7 +290,7 @@ def test_natural_sft_example_trains_on_its_solution_and_eos(hf_models):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_train_real_model_end_to_end(arch, hf_models, math_jsonl, tmp_path):
     out = tmp_path / "run"
-    train.main(train.parse_args(["--model", hf_models[arch], "--data", math_jsonl, "--out", str(out), *QUICK]))
+    train.main(config.parse_args(["--model", hf_models[arch], "--data", math_jsonl, "--out", str(out), *QUICK]))
     results = json.loads((out / "results.json").read_text())
     assert set(results["methods"]) == {"no_adapt", "random_ttt", "self_uniform", "scorer_only", "mass"}
     assert "oracle" in results["not_applicable"]
@@ -307,7 +309,7 @@ def test_train_real_model_with_valid_examples(hf_models, math_jsonl, tmp_path, m
     monkeypatch.setattr(generator, "decode", canned)
     monkeypatch.setattr(evaluate, "decode", canned)
     out = tmp_path / "run"
-    train.main(train.parse_args(["--model", hf_models["qwen2"], "--data", math_jsonl, "--out", str(out), *QUICK]))
+    train.main(config.parse_args(["--model", hf_models["qwen2"], "--data", math_jsonl, "--out", str(out), *QUICK]))
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(r["skipped"] == 0 and r["valid"] == 1.0 and "correct" not in r for r in logged)
     methods = json.loads((out / "results.json").read_text())["methods"]
@@ -316,7 +318,7 @@ def test_train_real_model_with_valid_examples(hf_models, math_jsonl, tmp_path, m
 
 
 def test_evaluate_real_model_without_a_run(hf_models, tmp_path):
-    rows = tasks.load_jsonl(realdata("math500_test.jsonl"))[:5]
+    rows = math_data.load_jsonl(realdata("math500_test.jsonl"))[:5]
     out = tmp_path / "eval"
     done = subprocess.run([sys.executable, os.path.join(HERE, "evaluate.py"), "--model", hf_models["llama"],
                            "--eval-data", realdata("math500_test.jsonl"), "--limit", "5", "--out", str(out), *QUICK],
@@ -329,4 +331,4 @@ def test_evaluate_real_model_without_a_run(hf_models, tmp_path):
 
 
 def test_lora_targets_option_is_an_alias_of_lora_modules():
-    assert train.parse_args(["--lora-targets", "c_attn"]).lora_modules == "c_attn"
+    assert config.parse_args(["--lora-targets", "c_attn"]).lora_modules == "c_attn"

@@ -19,6 +19,7 @@ import torch
 from transformers import DistilBertConfig, LlamaConfig, LlamaForCausalLM
 
 import base_model
+import config
 import generator
 import train
 from inner_loop import init_lora, lora_targets
@@ -32,7 +33,7 @@ QUICK = ["--preset", "tiny", "--eval-targets", "2"]
 def tiny_base(tmp_path_factory):
     """A pretrained --preset tiny base (4 s), copied into each run folder that needs one."""
     out = tmp_path_factory.mktemp("base_run")
-    train.load_or_pretrain_base(train.parse_args(["--preset", "tiny", "--out", str(out)]))
+    train.load_or_pretrain_base(config.parse_args(["--preset", "tiny", "--out", str(out)]))
     return str(out / "base")
 
 
@@ -162,7 +163,7 @@ def test_failed_start_leaves_an_existing_run_folder_untouched(tmp_path, capsys):
 
 def test_a_run_with_other_settings_is_not_continued(tmp_path, tiny_base, capsys):
     out = run_folder(tmp_path, tiny_base)
-    train.main(train.parse_args([*QUICK, "--out", str(out), "--meta-steps", "2"]))
+    train.main(config.parse_args([*QUICK, "--out", str(out), "--meta-steps", "2"]))
     before = snapshot(out)
     status, err = refused([*QUICK, "--out", str(out), "--meta-steps", "2", "--m", "3"], capsys)
     assert status == 1 and "a run with other settings (--m 4 there, 3 now)" in err
@@ -189,7 +190,7 @@ def initial_eta_psi(out, cfg):
 def test_garbage_generations_are_skipped_counted_and_stop_the_run(tmp_path, tiny_base, monkeypatch):
     out = run_folder(tmp_path, tiny_base)
     monkeypatch.setattr(generator, "decode", lambda model, adapters, scale, tok, prompts, *a, **k: ["!?"] * len(prompts))
-    cfg = train.parse_args([*QUICK, "--out", str(out), "--meta-steps", "6"])
+    cfg = config.parse_args([*QUICK, "--out", str(out), "--meta-steps", "6"])
     with pytest.raises(SystemExit, match="stopped at meta-step 2: 2 meta-steps skipped their update"):
         train.main(cfg)
     logged = without_clock(out / "metrics.jsonl")
@@ -200,7 +201,7 @@ def test_garbage_generations_are_skipped_counted_and_stop_the_run(tmp_path, tiny
     assert all(torch.equal(saved["eta"][k], eta0[k]) for k in eta0)          # eta and psi untouched
     assert all(torch.equal(saved["psi"][k], psi0[k]) for k in psi0)
     monkeypatch.undo()                  # a usable checkpoint: the same command continues from it
-    train.main(train.parse_args([*QUICK, "--out", str(out), "--meta-steps", "6"]))
+    train.main(config.parse_args([*QUICK, "--out", str(out), "--meta-steps", "6"]))
     logged = without_clock(out / "metrics.jsonl")
     assert [r["step"] for r in logged] == [2, 4, 6] and logged[-1]["skipped_steps"] == 0
     if importlib.util.find_spec("matplotlib"):          # the curve is drawn although the first line has no means
@@ -209,7 +210,7 @@ def test_garbage_generations_are_skipped_counted_and_stop_the_run(tmp_path, tiny
 
 def test_overflowing_inner_learning_rate_skips_updates(tmp_path, tiny_base):
     out = run_folder(tmp_path, tiny_base)
-    cfg = train.parse_args([*QUICK, "--out", str(out), "--meta-steps", "4", "--alpha", "1e39"])   # > float32's max
+    cfg = config.parse_args([*QUICK, "--out", str(out), "--meta-steps", "4", "--alpha", "1e39"])   # > float32's max
     with pytest.raises(SystemExit, match="2 meta-steps skipped their update"):
         train.main(cfg)
     assert without_clock(out / "metrics.jsonl") == [{"step": 2, "targets": 4, "skipped": 0, "skipped_steps": 2}]
@@ -224,7 +225,7 @@ def test_overflowing_inner_learning_rate_skips_updates(tmp_path, tiny_base):
 
 def test_same_seed_same_metrics_and_results(tmp_path, tiny_base):
     for name in ("a", "b"):
-        train.main(train.parse_args([*QUICK, "--out", str(run_folder(tmp_path, tiny_base, name)), "--meta-steps", "4"]))
+        train.main(config.parse_args([*QUICK, "--out", str(run_folder(tmp_path, tiny_base, name)), "--meta-steps", "4"]))
     a, b = without_clock(tmp_path / "a" / "metrics.jsonl"), without_clock(tmp_path / "b" / "metrics.jsonl")
     assert same_rows(a, b) and len(a) == 2 and a[-1]["skipped_steps"] == 0   # every step updated eta and psi
     assert (tmp_path / "a" / "results.json").read_bytes() == (tmp_path / "b" / "results.json").read_bytes()
@@ -232,7 +233,7 @@ def test_same_seed_same_metrics_and_results(tmp_path, tiny_base):
 
 def test_ctrl_c_finishes_the_step_and_the_rerun_continues_exactly(tmp_path, tiny_base, monkeypatch):
     args = [*QUICK, "--meta-steps", "5", "--checkpoint-every", "100"]
-    train.main(train.parse_args([*args, "--out", str(run_folder(tmp_path, tiny_base, "straight"))]))
+    train.main(config.parse_args([*args, "--out", str(run_folder(tmp_path, tiny_base, "straight"))]))
     out = run_folder(tmp_path, tiny_base, "stopped")
     calls, meta_step = [], train.meta_step
 
@@ -243,11 +244,11 @@ def test_ctrl_c_finishes_the_step_and_the_rerun_continues_exactly(tmp_path, tiny
         return meta_step(*a, **k)
     monkeypatch.setattr(train, "meta_step", ctrl_c_in_step_2)
     with pytest.raises(SystemExit) as stopped:
-        train.main(train.parse_args([*args, "--out", str(out)]))
+        train.main(config.parse_args([*args, "--out", str(out)]))
     assert stopped.value.code == 128 + signal.SIGINT and len(calls) == 4     # meta-step 2 was finished, not cut
     assert torch.load(out / "checkpoint.pt")["step"] == 2 and len(without_clock(out / "metrics.jsonl")) == 1
     monkeypatch.undo()
-    train.main(train.parse_args([*args, "--out", str(out)]))
+    train.main(config.parse_args([*args, "--out", str(out)]))
     assert same_rows(without_clock(out / "metrics.jsonl"), without_clock(tmp_path / "straight" / "metrics.jsonl"))
     assert (out / "results.json").read_bytes() == (tmp_path / "straight" / "results.json").read_bytes()
 
@@ -261,10 +262,10 @@ def test_half_saved_base_is_not_reused(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(base_model, "save", killed_mid_save)
     args = ["--preset", "tiny", "--out", str(out), "--pretrain-steps", "2", "--meta-steps", "0", "--eval-targets", "1"]
     with pytest.raises(KeyboardInterrupt):
-        train.main(train.parse_args(args))
+        train.main(config.parse_args(args))
     assert (out / "base.tmp" / "config.json").exists() and not (out / "base").exists()
     monkeypatch.undo()
-    train.main(train.parse_args(args))
+    train.main(config.parse_args(args))
     assert "reusing" not in capsys.readouterr().out
     assert (out / "base" / "config.json").exists() and not (out / "base.tmp").exists()
 
