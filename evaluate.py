@@ -39,7 +39,7 @@ from scorer import Scorer, weights_from_scores
 METHODS = ["no_adapt", "random_ttt", "self_uniform", "scorer_only", "mass", "oracle"]
 PAIRS = [("mass", "self_uniform"), ("mass", "random_ttt"), ("mass", "no_adapt"), ("mass", "scorer_only"),
          ("scorer_only", "self_uniform"), ("self_uniform", "no_adapt"), ("oracle", "no_adapt")]
-NOT_APPLICABLE = {"oracle": "real data has no toy world to draw nearby true problems from",
+NOT_APPLICABLE = {"oracle": "this world has no checker to write true problems near T (the toy world has one)",
                   "scorer_only": "no trained scorer: its weights would be uniform, the same as self_uniform",
                   "mass": "no trained scorer or generator: the same as self_uniform"}
 

@@ -229,8 +229,8 @@ class MathWorld:
     def heldout(self):
         if self.eval_rows is None:
             print("no --eval-data: evaluating on rows of --data, the meta-training data (not held out)")
-        rows = self.eval_rows or self.train_rows
-        return [(r["domain"], r["problem"], reference(r, self.outer_target), r["answer"]) for r in rows[:self.n_heldout]]
+        rows = (self.eval_rows or self.train_rows)[:self.n_heldout]
+        return [(r["domain"], r["problem"], reference(r, self.outer_target), r["answer"]) for r in rows]
 
     def practice_prompt(self, tok, target):
         return chat(tok, PRACTICE.format(target=target))

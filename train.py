@@ -86,7 +86,8 @@ def learned_parts(model, cfg):
     eta = Scorer(model.config.hidden_size, cfg.scorer_width).to(cfg.device)
     psi = {n: p.requires_grad_() for n, p in init_lora(model, targets, cfg.lora_rank, seed=cfg.seed).items()}
     phi0 = init_lora(model, targets, cfg.lora_rank, seed=cfg.seed + 1)
-    return eta, psi, phi0, torch.optim.Adam(eta.parameters(), lr=cfg.eta_lr), torch.optim.Adam(psi.values(), lr=cfg.psi_lr)
+    eta_opt, psi_opt = torch.optim.Adam(eta.parameters(), lr=cfg.eta_lr), torch.optim.Adam(psi.values(), lr=cfg.psi_lr)
+    return eta, psi, phi0, eta_opt, psi_opt
 
 
 def fresh_state():
@@ -206,7 +207,8 @@ def meta_train(model, tok, world, cfg, saved, rank=0, ranks=1):
         too_many = False
         if step % cfg.log_every == 0 or step == cfg.meta_steps:
             row = {"step": step, "targets": step * cfg.meta_batch, **summarize(window["rows"]),
-                   "skipped_steps": window["skipped_steps"], "sec_per_step": sum(window["seconds"]) / len(window["seconds"])}
+                   "skipped_steps": window["skipped_steps"],
+                   "sec_per_step": sum(window["seconds"]) / len(window["seconds"])}
             log.write(json.dumps(row) + "\n")
             log.flush()
             if rank == 0:
