@@ -21,12 +21,14 @@ from tqdm import tqdm
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM,
                           PreTrainedTokenizerFast)
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from transformers.utils import logging
 
 import tasks
 from config import DTYPES, pick_device
 from inner_loop import init_lora, lora_targets
 
 CHARS = "\n" + "".join(chr(c) for c in range(32, 127))
+logging.disable_progress_bar()   # loading a local model needs no bar, and it would precede a one-line error
 
 
 def build_tokenizer():

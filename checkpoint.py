@@ -8,6 +8,7 @@ continues from it; metrics.jsonl is cut back to the checkpoint's step, so the li
 
     python train.py --preset tiny --out runs/tiny    # stop it part-way (Ctrl-C, kill -9), run it again: it continues
 """
+import hashlib
 import json
 import os
 import random
@@ -110,3 +111,74 @@ def stop_signals():
 def default_signals():
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+# ----------------------------------------------------------------------------- evaluation that continues after a kill
+# The held-out evaluation writes one file per finished target into OUT/eval_<F>, F the start of the fingerprint of the
+# eta, psi and phi_0 it evaluates (so a run trained further evaluates into a new folder). A rerun reads what is there
+# and evaluates only the missing targets; a partial evaluation made with other settings is refused, never mixed in.
+
+# settings that may differ on a rerun: they do not change any one target's result (a target's result depends only on
+# its index, so more or fewer targets is a longer or shorter prefix)
+EVAL_MAY_CHANGE = (MAY_CHANGE - {"eval_data", "device"}) | {"log_every"}
+
+
+class Refused(ValueError):
+    """A run folder's contents that this command must not continue; its message is the one line to print."""
+
+
+def eval_folder(out, fingerprint):
+    return os.path.join(out, f"eval_{fingerprint[:12]}")
+
+
+def fingerprint(*tensor_dicts):
+    """sha256 of the tensors of some state dicts (names and values): which eta, psi and phi_0 an evaluation used."""
+    digest = hashlib.sha256()
+    for tensors in tensor_dicts:
+        for name in sorted(tensors):
+            digest.update(name.encode())
+            digest.update(tensors[name].detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def eval_settings(settings):
+    """What a partial evaluation must share with its rerun: the settings that change a target's result."""
+    return {k: v for k, v in settings.items() if k not in EVAL_MAY_CHANGE}
+
+
+def check_eval(folder, expected):
+    """Refuse (Refused, one line naming the options) to continue a partial evaluation in `folder` that was made with
+    other settings; nothing to refuse when there is none."""
+    path = os.path.join(folder, "settings.json")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        saved = json.load(f)
+    changed = [f"--{k.replace('_', '-')} {saved.get(k)} there, {v} now" for k, v in expected.items()
+               if saved.get(k) != v]
+    if changed:
+        raise Refused(f"{folder}: a partial evaluation with other settings ({'; '.join(changed)}); rerun it with "
+                         f"its settings, or remove {folder} to evaluate from the start")
+
+
+def start_eval(folder, expected, write=True):
+    """Check `folder` against the expected settings, write them there (write: this process writes; under torchrun
+    rank 0 does), and return the finished targets' records {index: record}."""
+    check_eval(folder, expected)
+    os.makedirs(folder, exist_ok=True)
+    if write:
+        atomic_write(os.path.join(folder, "settings.json"), lambda f: f.write(json.dumps(expected, indent=1).encode()))
+    done = {}
+    for name in sorted(os.listdir(folder)):
+        if name.startswith("target_") and name.endswith(".json"):
+            try:
+                with open(os.path.join(folder, name)) as f:
+                    done[int(name[len("target_"):-len(".json")])] = json.load(f)
+            except (ValueError, OSError) as e:
+                raise Refused(f"{os.path.join(folder, name)}: not a readable result ({type(e).__name__}); "
+                              f"remove it and rerun to evaluate that target again") from None
+    return done
+
+
+def save_eval_target(folder, i, record):
+    atomic_write(os.path.join(folder, f"target_{i:05d}.json"), lambda f: f.write(json.dumps(record).encode()))

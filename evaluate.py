@@ -19,15 +19,17 @@ subjects, and oracle and the checker's diagnostics are n/a.
     python evaluate.py --model DIR --eval-data math500_test.jsonl --limit 5    # no run: untrained scorer, psi = 0
 """
 import argparse
+import dataclasses
 import json
-import math
 import os
 import random
+import sys
 
 import torch
 from tqdm import tqdm
 
 import base_model
+import checkpoint
 import config
 import data_parallel
 import plots
@@ -35,6 +37,7 @@ from generator import decode, synthesize
 from inner_loop import adapt, encode, init_lora, lora_targets
 from meta_step import attribution, example_features, outer_loss, target_batch, training_pairs
 from scorer import Scorer, weights_from_scores
+from stats import auc, correlation, mean_se, median, sign_test
 
 METHODS = ["no_adapt", "random_ttt", "self_uniform", "scorer_only", "mass", "oracle"]
 PAIRS = [("mass", "self_uniform"), ("mass", "random_ttt"), ("mass", "no_adapt"), ("mass", "scorer_only"),
@@ -137,45 +140,6 @@ def diagnostics(model, tok, world, phi0, cfg, target, T_batch, base_pool, mass_p
 
 # ----------------------------------------------------------------------------- statistics
 
-def mean_se(xs):
-    n = len(xs)
-    if n == 0:
-        return float("nan"), float("nan")
-    mu = sum(xs) / n
-    return mu, (math.sqrt(sum((x - mu) ** 2 for x in xs) / (n - 1) / n) if n > 1 else float("nan"))
-
-
-def median(xs):
-    s = sorted(xs)
-    return float("nan") if not s else (s[(len(s) - 1) // 2] + s[len(s) // 2]) / 2
-
-
-def sign_test(diffs):
-    """Two-sided sign test p-value of 'the median difference is 0' (ties dropped)."""
-    pos, neg = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
-    n = pos + neg
-    if n == 0:
-        return 1.0
-    tail = sum(math.comb(n, i) for i in range(min(pos, neg) + 1))
-    return min(1.0, 2 * tail / 2 ** n)
-
-
-def auc(scores, labels):
-    """P(score of a random positive > score of a random negative), ties count half; nan without both kinds."""
-    pos = [s for s, y in zip(scores, labels) if y]
-    neg = [s for s, y in zip(scores, labels) if not y]
-    if not pos or not neg:
-        return float("nan")
-    return sum((p > q) + 0.5 * (p == q) for p in pos for q in neg) / (len(pos) * len(neg))
-
-
-def correlation(xs, ys):
-    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
-    sxx, syy = sum((x - mx) ** 2 for x in xs), sum((y - my) ** 2 for y in ys)
-    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else float("nan")
-
-
 def summary(rows):
     """n, acc, acc_se, dnll, dnll_se, dnll_median over a list of (dnll, correct)."""
     dnll, acc = [r[0] for r in rows], [float(r[1]) for r in rows]
@@ -216,11 +180,23 @@ def run(model, tok, world, eta, psi, phi0, cfg, out, trained=True, rank=0, ranks
     (the other ranks return None); a target's result depends only on its index, so results.json is the same."""
     methods = methods_for(world, trained)
     targets = world.heldout()
+    # a file per finished target in OUT/eval_<fingerprint>: a rerun continues where a kill stopped (checkpoint.py)
+    folder = checkpoint.eval_folder(out, checkpoint.fingerprint(eta.state_dict(), psi, phi0))
+    done = checkpoint.start_eval(folder, checkpoint.eval_settings(dataclasses.asdict(cfg)), write=rank == 0)
+    if done and rank == 0:
+        print(f"continuing the evaluation in {folder}: {len(done)} of its targets already done")
     mine = []
     for i in tqdm(range(rank, len(targets), ranks), desc="evaluating", unit="target", disable=rank > 0):
         _, target, reference, answer = targets[i]
-        mine.append(evaluate_target(model, tok, world, eta, psi, phi0, cfg, methods, target, reference, answer,
-                                    seed=cfg.seed + 10_000 + i))
+        if i in done and done[i]["target"] == target:
+            mine.append((done[i]["result"], done[i]["diagnostics"]))
+            continue
+        if i in done:
+            raise checkpoint.Refused(f"{folder}: its target {i} is not target {i} now; remove it to start over")
+        result, diags = evaluate_target(model, tok, world, eta, psi, phi0, cfg, methods, target, reference, answer,
+                                        seed=cfg.seed + 10_000 + i)
+        checkpoint.save_eval_target(folder, i, {"target": target, "result": result, "diagnostics": diags})
+        mine.append((result, diags))
     if ranks > 1:   # torchrun: every rank's results, in the targets' order
         mine = data_parallel.in_order(data_parallel.gather(mine), len(targets))
         if rank > 0:
@@ -259,34 +235,88 @@ def print_tables(results):
     print("\nwhat meta-training learned: " + ", ".join(f"{k} {v:.3f}" for k, v in results["learned"].items()))
 
 
-if __name__ == "__main__":
-    import sys
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     allow_abbrev=False)
+# ----------------------------------------------------------------------------- the command line, checked before any work
+
+def untrained(cfg):
+    """No run folder: the --model with an untrained scorer (uniform weights), psi = 0, phi_0 as train.py makes it."""
+    model, tok = base_model.load(cfg.model, cfg.device, cfg.dtype)
+    torch.manual_seed(cfg.seed)      # eta's initial weights, as in train.py: a rerun evaluates the same eta
+    eta = Scorer(model.config.hidden_size, cfg.scorer_width).to(cfg.device)
+    phi0 = init_lora(model, lora_targets(model, cfg.lora_modules), cfg.lora_rank, seed=cfg.seed + 1)
+    return model, tok, eta, {}, phi0
+
+
+def trained_run(cfg, out):
+    """A train.py run folder's base, eta, psi and phi_0."""
+    model, tok = base_model.load(cfg.model or os.path.join(out, "base"), cfg.device, cfg.dtype)
+    learned = {}
+    for name in ("eta", "psi", "phi0"):
+        try:
+            learned[name] = torch.load(os.path.join(out, f"{name}.pt"), map_location=cfg.device, weights_only=True)
+        except Exception as e:   # whatever the unpickler raises: one line naming the file
+            raise ValueError(f"{os.path.join(out, name + '.pt')}: not readable ({type(e).__name__})") from None
+    eta = Scorer(model.config.hidden_size, cfg.scorer_width).to(cfg.device)
+    eta.load_state_dict(learned["eta"])
+    return model, tok, eta, learned["psi"], learned["phi0"]
+
+
+def run_settings(args):
+    """The settings of the train.py run in --out, with --eval-targets and --limit applied; ValueError names the
+    folder or file when it is not a finished train.py run."""
+    if not os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out}: no such folder (give a train.py run folder, or --model)")
+    for name in ("config.json", "eta.pt", "psi.pt", "phi0.pt"):
+        if not os.path.isfile(os.path.join(args.out, name)):
+            raise ValueError(f"--out {args.out}: no {name} there, so no train.py run to evaluate")
+    try:
+        with open(os.path.join(args.out, "config.json")) as f:
+            saved = json.load(f)
+        cfg = config.Config(**{k: v for k, v in saved.items() if k in config.Config.__dataclass_fields__})
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{os.path.join(args.out, 'config.json')}: not a train.py config ({type(e).__name__})") from None
+    cfg.out, cfg.eval_targets = args.out, args.eval_targets or cfg.eval_targets
+    cfg.limit = args.limit if args.limit is not None else cfg.limit
+    return cfg
+
+
+def cli(argv):
+    """Bad options exit 2, a bad run folder, model or data file exits 1, each with one line, before any work."""
+    parser = config.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                           allow_abbrev=False)
     parser.add_argument("--out", default="runs/default", help="a run folder written by train.py")
     parser.add_argument("--eval-targets", type=int, default=None, help="held-out targets (default: the run's)")
     parser.add_argument("--limit", type=int, default=None, help="real data: the first N rows (default: the run's)")
     parser.add_argument("--model", default=None, help="no run folder: this local Hugging Face causal LM with an "
                         "untrained scorer and psi = 0; every train.py setting applies, --out defaults to runs/eval")
-    args, rest = parser.parse_known_args()
-    if args.model:   # no run: settings from the command line, an untrained scorer (uniform weights), psi = 0
-        cfg = config.parse_args(["--out", "runs/eval", "--meta-steps", "0", *sys.argv[1:]])   # later ones win
+    args, rest = parser.parse_known_args(argv)
+    if args.model:   # every train.py setting, from the command line (later ones win)
+        cfg = config.parse_args(["--out", "runs/eval", "--meta-steps", "0", *argv])
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)} (train.py's settings need --model)")
+    for name in ("eval_targets", "limit"):
+        value = getattr(args, name)
+        if value is not None and value < (1 if name == "eval_targets" else 0):
+            parser.error(f"--{name.replace('_', '-')} must be at least {1 if name == 'eval_targets' else 0}, not {value}")
+    try:
+        cfg = cfg if args.model else run_settings(args)
         cfg.device = config.pick_device(cfg.device)
-        model, tok = base_model.load(cfg.model, cfg.device, cfg.dtype)
-        eta = Scorer(model.config.hidden_size, cfg.scorer_width).to(cfg.device)
-        psi, trained = {}, False
-        phi0 = init_lora(model, lora_targets(model, cfg.lora_modules), cfg.lora_rank, seed=cfg.seed + 1)
-    else:            # a train.py run: its settings, eta, psi and phi_0
-        if rest:
-            parser.error(f"unrecognized arguments: {' '.join(rest)} (train.py's settings need --model)")
-        with open(os.path.join(args.out, "config.json")) as f:
-            saved = json.load(f)
-        cfg = config.Config(**{k: v for k, v in saved.items() if k in config.Config.__dataclass_fields__})
-        cfg.out, cfg.eval_targets = args.out, args.eval_targets or cfg.eval_targets
-        cfg.limit = args.limit if args.limit is not None else cfg.limit
-        model, tok = base_model.load(cfg.model or os.path.join(args.out, "base"), cfg.device, cfg.dtype)
-        eta = Scorer(model.config.hidden_size, cfg.scorer_width).to(cfg.device)
-        eta.load_state_dict(torch.load(os.path.join(args.out, "eta.pt")))
-        psi = {n: p.to(cfg.device) for n, p in torch.load(os.path.join(args.out, "psi.pt")).items()}
-        phi0, trained = torch.load(os.path.join(args.out, "phi0.pt"), map_location=cfg.device), True
-    run(model, tok, config.make_world(cfg), eta, psi, phi0, cfg, cfg.out, trained)
+        checkpoint.check_writable(cfg.out)
+        base = cfg.model or os.path.join(cfg.out, "base")
+        base_model.check(base, cfg.lora_modules, cfg.lora_rank, "--model" if cfg.model else "--out")
+        world = config.make_world(cfg)
+        model, tok, eta, psi, phi0 = untrained(cfg) if args.model else trained_run(cfg, cfg.out)
+    except (ValueError, OSError) as e:
+        refuse(e)
+    try:
+        run(model, tok, world, eta, psi, phi0, cfg, cfg.out, trained=not args.model)
+    except checkpoint.Refused as e:   # a partial evaluation of the same eta and psi with other settings
+        refuse(e)
+
+
+def refuse(error):
+    print(f"evaluate.py: error: {' '.join(str(error).split())}", file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+    cli(sys.argv[1:])

@@ -25,10 +25,10 @@ from tqdm import tqdm
 
 import base_model
 import tasks
-from evaluate import mean_se, median
 from generator import decode, synthesize
 from inner_loop import adapt, encode, init_lora, lora_targets
 from meta_step import outer_loss
+from stats import mean_se, median
 
 POOLS = ["own", "own_greedy", "own_target", "own_correct", "own_true", "oracle", "random"]
 

@@ -19,10 +19,10 @@ import config
 import evaluate
 import generator
 import tasks
-from evaluate import auc, sign_test
 from inner_loop import adapt, encode, forward, init_lora, inner_loss, lora_targets
 from meta_step import attribution, example_features, meta_step, outer_loss, reinforce_surrogate, training_pairs
 from scorer import N_SCALARS, Scorer, weights_from_scores
+from stats import auc, sign_test
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOY = tasks.ToyWorld(n_heldout=12, seed=0)

@@ -20,6 +20,7 @@ from transformers import DistilBertConfig, LlamaConfig, LlamaForCausalLM
 
 import base_model
 import config
+import evaluate
 import generator
 import train
 from inner_loop import init_lora, lora_targets
@@ -289,6 +290,86 @@ def test_kill_9_and_rerun_ends_as_an_uninterrupted_run(tmp_path):
     assert "continuing from the checkpoint at meta-step" in again.stdout
     assert same_rows(without_clock(out / "metrics.jsonl"), without_clock(tmp_path / "straight" / "metrics.jsonl"))
     assert (out / "results.json").read_bytes() == (tmp_path / "straight" / "results.json").read_bytes()
+
+
+# ----------------------------------------------------------------------------- evaluation: continued after a kill
+
+def eval_files(out):
+    return sorted(out.glob("eval_*/target_*.json"))
+
+
+def test_killed_evaluation_continues_with_the_missing_targets_only(tmp_path, tiny_base, monkeypatch):
+    """train.py killed with SIGKILL part-way through its final evaluation, then run again: the rerun evaluates only
+    the targets that have no result file yet, and writes the results.json of a run that was never stopped."""
+    args = [*QUICK, "--meta-steps", "2", "--eval-targets", "6"]
+    straight = run_folder(tmp_path, tiny_base, "straight")
+    train.main(config.parse_args([*args, "--out", str(straight)]))
+    out = run_folder(tmp_path, tiny_base, "killed")
+    running = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), *args, "--out", str(out)], cwd=HERE,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while len(eval_files(out)) < 2 and running.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    running.send_signal(signal.SIGKILL)
+    assert running.wait() == -signal.SIGKILL and not (out / "results.json").exists()
+    before = {f.name: f.read_bytes() for f in eval_files(out)}
+    assert 2 <= len(before) < 6
+    evaluated, evaluate_target = [], evaluate.evaluate_target
+    monkeypatch.setattr(evaluate, "evaluate_target", lambda *a, **k: evaluated.append(a[8]) or evaluate_target(*a, **k))
+    train.main(config.parse_args([*args, "--out", str(out)]))
+    assert len(evaluated) == 6 - len(before)                               # only the missing targets
+    assert all(f.read_bytes() == before[f.name] for f in eval_files(out) if f.name in before)
+    assert (out / "results.json").read_bytes() == (straight / "results.json").read_bytes()
+    evaluated.clear()
+    train.main(config.parse_args([*args, "--out", str(out)]))               # a finished evaluation: nothing to redo
+    assert evaluated == [] and (out / "results.json").read_bytes() == (straight / "results.json").read_bytes()
+
+
+def evaluate_cli(argv, capsys):
+    """(exit status, stderr) of evaluate.py's command line argv, run in this process (0: it ran to the end)."""
+    capsys.readouterr()
+    try:
+        evaluate.cli(argv)
+    except SystemExit as stopped:
+        return stopped.code, capsys.readouterr().err
+    return 0, capsys.readouterr().err
+
+
+def test_partial_evaluation_with_other_settings_is_refused(tmp_path, tiny_base, capsys):
+    out = tmp_path / "eval"
+    argv = ["--model", tiny_base, "--out", str(out), *QUICK, "--eval-targets", "2"]
+    assert evaluate_cli(argv, capsys)[0] == 0
+    status, err = evaluate_cli([*argv, "--alpha", "0.1"], capsys)
+    assert status == 1 and "a partial evaluation with other settings (--alpha 0.2 there, 0.1 now)" in err, err
+    assert len(err.strip().splitlines()) == 1
+    assert evaluate_cli([*argv, "--eval-targets", "3"], capsys)[0] == 0   # more targets: the same ones, and one more
+    assert len(eval_files(out)) == 3
+
+
+@pytest.mark.parametrize("argv, status, message", [
+    (["--out", "{tmp}/nosuch"], 1, "--out {tmp}/nosuch: no such folder"),
+    (["--out", "{tmp}/no_run"], 1, "--out {tmp}/no_run: no config.json there"),
+    (["--out", "{tmp}/no_run", "--eval-targets", "0"], 2, "--eval-targets must be at least 1, not 0"),
+    (["--out", "{tmp}/no_run", "--alpha", "0.1"], 2, "unrecognized arguments: --alpha 0.1"),
+    (["--model", "{tmp}/nosuch", "--eval-data", "{tmp}/x.jsonl"], 1, "--model {tmp}/nosuch: no such folder"),
+    (["--model", "{base}", "--eval-data", "{tmp}/nosuch.jsonl"], 1, "{tmp}/nosuch.jsonl: no such file"),
+    (["--model", "{base}", "--alpha", "0"], 2, "--alpha must be above 0"),
+])
+def test_evaluate_refuses_bad_input_in_one_line(argv, status, message, tmp_path, tiny_base, capsys):
+    (tmp_path / "no_run").mkdir()
+    fill = lambda a: a.format(tmp=tmp_path, base=tiny_base)
+    before = snapshot(tmp_path)
+    out = ["--out", str(tmp_path / "eval")] if "--model" in argv else []
+    code, err = evaluate_cli([*map(fill, argv), *out], capsys)
+    assert code == status and fill(message) in err and len(err.strip().splitlines()) == 1, err
+    assert snapshot(tmp_path) == before and not (tmp_path / "eval").exists()
+
+
+def test_evaluate_command_line_error_is_one_line_without_traceback(tmp_path):
+    done = subprocess.run([sys.executable, os.path.join(HERE, "evaluate.py"), "--out", str(tmp_path / "nosuch")],
+                          cwd=HERE, capture_output=True, text=True)
+    assert done.returncode == 1 and done.stderr == f"evaluate.py: error: --out {tmp_path / 'nosuch'}: no such folder " \
+                                                   f"(give a train.py run folder, or --model)\n"
 
 
 # ----------------------------------------------------------------------------- torchrun

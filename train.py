@@ -256,9 +256,16 @@ def cli(argv):
     try:
         ready = check_inputs(cfg)
     except (ValueError, OSError) as e:
-        print(f"train.py: error: {' '.join(str(e).split())}", file=sys.stderr)
-        sys.exit(1)
-    main(cfg, ready)
+        refuse(e)
+    try:
+        main(cfg, ready)
+    except checkpoint.Refused as e:   # a partial evaluation of these eta and psi with other settings
+        refuse(e)
+
+
+def refuse(error):
+    print(f"train.py: error: {' '.join(str(error).split())}", file=sys.stderr)
+    sys.exit(1)
 
 
 if __name__ == "__main__":
