@@ -7,6 +7,7 @@ presets, the up-front checks of option values, and the choice of world that the 
 import argparse
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -112,7 +113,12 @@ CHOICES = {"dtype": DTYPES, "outer_target": ("solution", "answer"), "meta_grad":
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):   # one line that names the option, exit status 2 (argparse would print the usage too)
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        self.exit(2, f"{self.prog}: error: {message}\n" if first_rank() else None)
+
+
+def first_rank():
+    """Whether this process says things: alone, or rank 0 under torchrun (the other ranks stay quiet)."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def flag(name):

@@ -281,8 +281,8 @@ def run_settings(args):
 
 def cli(argv):
     """Bad options exit 2, a bad run folder, model or data file exits 1, each with one line, before any work."""
-    parser = config.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                           allow_abbrev=False)
+    parser = config.Parser(prog="evaluate.py", description=__doc__, allow_abbrev=False,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/default", help="a run folder written by train.py")
     parser.add_argument("--eval-targets", type=int, default=None, help="held-out targets (default: the run's)")
     parser.add_argument("--limit", type=int, default=None, help="real data: the first N rows (default: the run's)")

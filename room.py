@@ -17,13 +17,17 @@ measures ceilings, the numbers that say what eta and psi could at best achieve o
 """
 import argparse
 import json
+import math
 import os
 import random
+import sys
 
 import torch
 from tqdm import tqdm
 
 import base_model
+import checkpoint
+import config
 import tasks
 from generator import decode, synthesize
 from inner_loop import adapt, encode, init_lora, lora_targets
@@ -111,8 +115,24 @@ def table(rows):
     return out, quality
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def check(parser, args):
+    """Bad options exit 2, a run folder without a usable base exits 1, each in one line, before any work."""
+    for name, ok, what in (("targets", 1, "at least 1"), ("m", 1, "at least 1"), ("K", 1, "at least 1"),
+                           ("max_new", 1, "at least 1"), ("lora_rank", 1, "at least 1"), ("inner_clip", 0, "at least 0"),
+                           ("alpha", None, "above 0"), ("lora_alpha", None, "above 0")):
+        value = getattr(args, name)
+        if not (math.isfinite(value) and (value > 0 if ok is None else value >= ok)):
+            parser.error(f"--{name.replace('_', '-')} must be {what}, not {value}")
+    try:
+        checkpoint.check_writable(args.out)
+        base_model.check(os.path.join(args.out, "base"), args.lora_modules, args.lora_rank, option="--out")
+    except (ValueError, OSError) as e:
+        print(f"room.py: error: {' '.join(str(e).split())}", file=sys.stderr)
+        sys.exit(1)
+
+
+def main(argv):
+    parser = config.Parser(prog="room.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/default", help="a run folder with a pretrained base/ (train.py)")
     parser.add_argument("--targets", type=int, default=300, help="held-out targets, balanced over the domains")
     parser.add_argument("--seed", type=int, default=0)
@@ -124,7 +144,8 @@ if __name__ == "__main__":
     parser.add_argument("--lora-rank", type=int, default=4)
     parser.add_argument("--lora-alpha", type=float, default=4.0)
     parser.add_argument("--max-new", type=int, default=24)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    check(parser, args)
     torch.manual_seed(args.seed)
     pools, quality = table(measure(args))
     result = {"settings": vars(args), "pools": pools, "own_pool": quality}
@@ -133,3 +154,7 @@ if __name__ == "__main__":
     with open(os.path.join(args.out, name), "w") as f:
         json.dump(result, f, indent=1)
     print(f"wrote {os.path.join(args.out, name)}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -22,6 +22,7 @@ import base_model
 import config
 import evaluate
 import generator
+import room
 import train
 from inner_loop import init_lora, lora_targets
 from scorer import Scorer
@@ -370,6 +371,24 @@ def test_evaluate_command_line_error_is_one_line_without_traceback(tmp_path):
                           cwd=HERE, capture_output=True, text=True)
     assert done.returncode == 1 and done.stderr == f"evaluate.py: error: --out {tmp_path / 'nosuch'}: no such folder " \
                                                    f"(give a train.py run folder, or --model)\n"
+
+
+@pytest.mark.parametrize("argv, status, message", [
+    (["--out", "{tmp}/nosuch"], 1, "room.py: error: --out {tmp}/nosuch/base: no such folder"),
+    (["--out", "{run}", "--alpha", "0"], 2, "room.py: error: --alpha must be above 0, not 0.0"),
+    (["--out", "{run}", "--targets", "0"], 2, "room.py: error: --targets must be at least 1, not 0"),
+    (["--out", "{run}", "--lora-rank", "99"], 1, "room.py: error: LoRA rank 99 is larger than layer"),
+    (["--out", "{run}", "--m", "x"], 2, "room.py: error: argument --m: invalid int value"),
+])
+def test_room_refuses_bad_input_in_one_line(argv, status, message, tmp_path, tiny_base, capsys):
+    run = run_folder(tmp_path, tiny_base)
+    fill = lambda a: a.format(tmp=tmp_path, run=run)
+    before = snapshot(tmp_path)
+    with pytest.raises(SystemExit) as stopped:
+        room.main([fill(a) for a in argv])
+    err = capsys.readouterr().err
+    assert stopped.value.code == status and fill(message) in err and len(err.strip().splitlines()) == 1, err
+    assert snapshot(tmp_path) == before
 
 
 # ----------------------------------------------------------------------------- torchrun

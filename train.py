@@ -264,7 +264,8 @@ def cli(argv):
 
 
 def refuse(error):
-    print(f"train.py: error: {' '.join(str(error).split())}", file=sys.stderr)
+    if config.first_rank():          # torchrun: one line, from rank 0
+        print(f"train.py: error: {' '.join(str(error).split())}", file=sys.stderr)
     sys.exit(1)
 
 
