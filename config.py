@@ -80,7 +80,7 @@ class Config:
     log_every: int = arg(10, "meta-steps between summary lines")
     # evaluation
     eval_targets: int = arg(300, "held-out targets, balanced over the domains")
-    # reliability (README: Reliability)
+    # reliability (docs/reliability.md)
     checkpoint_every: int = arg(10, "meta-steps between checkpoints (also written at the end, on Ctrl-C and at a stop)")
     max_skip_share: float = arg(0.5, "stop when more than this share of the meta-steps so far skipped their update "
                                      "(checked at each summary line; 1: never)")

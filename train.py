@@ -4,10 +4,11 @@ then evaluate test-time adaptation on held-out targets.
 
     python train.py                  # the embedded demo: everything under runs/default
     python train.py --preset tiny    # the same path on a tiny configuration, in seconds
-    python train.py --model DIR --data math_train.jsonl --eval-data math500_test.jsonl   # a real LM (README)
+    python train.py --model DIR --data math_train.jsonl --eval-data math500_test.jsonl   # docs/real_models.md
     python train.py --help           # every setting
     torchrun --nproc_per_node=2 train.py --preset tiny   # data-parallel over 2 processes, the same eta and psi
-Stopped part-way (Ctrl-C, a kill)? The same command continues from the last checkpoint in --out (README: Reliability).
+Stopped part-way (Ctrl-C, a kill)? The same command continues from the last checkpoint in --out
+(docs/reliability.md), and a killed evaluation from its last finished target.
 """
 import dataclasses
 import json
