@@ -1,14 +1,21 @@
 """
-Real math data: MATH- and GSM8K-style JSONL, final-answer extraction and grading, the natural-language prompts,
+Real math data: MATH- and GSM8K-style JSONL, reading and grading final answers, the natural-language prompts,
 and `MathWorld`, the world interface of world.py for them.
 
 A row becomes {domain, problem, solution, answer}: MATH rows have `problem`, `solution`, `subject` or `type` (and
-optionally `answer`); GSM8K rows `question` and an `answer` ending in `#### N`. The final answer of a worked solution
-is its last \\boxed{} or GSM8K's `#### N`; answers are compared after MATH's normalisation (after Hendrycks et al.'s
-`is_equiv` and the math-evaluation-harness), or as numbers.
+optionally `answer`); GSM8K rows `question` and an `answer` ending in `#### N`. A reference solution's final answer
+is its last \\boxed{} or GSM8K's `#### N` (`extract_answer`).
+
+A model's solution is graded as the field grades it, with Hugging Face's math-verify: its final answer is read in the
+forms models write (\\boxed{}, `#### N`, "The answer is N", "A: N", "**N**", "$1,200.00", "18 apples") and compared
+with the reference by value (fractions, radicals, sets, intervals, tuples, units, \\text{}). Where math-verify reads
+nothing, the hand-written MATH normalisation (`is_equiv`, after Hendrycks et al. and the math-evaluation-harness)
+decides.
 
 The generator is asked for a similar problem as `Problem: ... Solution: ...` ending in \\boxed{...}, in the
-tokenizer's chat template when it has one; an example is usable when it has a problem and a final answer.
+tokenizer's chat template when it has one; an example is usable when it has a problem (after a label such as
+"Problem:", "**Problem 1:**", "### Problem" or "Question:"), a solution ("Solution:", "Answer:", ...) and a final
+answer that the grader can read.
 
     python math_data.py FILE.jsonl     # loads a file and prints its first rows' domains and answers
 """
@@ -17,8 +24,12 @@ import math
 import os
 import re
 import sys
+import threading
 
-# ----------------------------------------------------------------------------- final answers and their equivalence
+from math_verify import parse, verify
+from sympy import Basic, MatrixBase, nan, zoo
+
+# ----------------------------------------------------------------------------- final answers, hand-written
 
 
 def _last_boxed(text):
@@ -109,9 +120,44 @@ def is_equiv(pred, gold, rel_tol=1e-6):
     return x is not None and y is not None and math.isclose(x, y, rel_tol=rel_tol, abs_tol=1e-12)
 
 
+# ----------------------------------------------------------------------------- grading with math-verify
+
+TIMEOUT_S = 5   # math-verify's limit on one parse or one comparison (sympy can hang on 10^{10^{10}})
+
+
+def _time_limit():
+    """math-verify times out with SIGALRM, which only the main thread may set: elsewhere it runs without a limit."""
+    return TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
+
+
+def _values(text):
+    """What math-verify reads as the final answer of `text`: sympy values ([] when none; 1/0 and NaN dropped)."""
+    found = parse(text, parsing_timeout=_time_limit())
+    return [v for v in found if isinstance(v, (Basic, MatrixBase)) and not v.has(zoo, nan)]
+
+
+def read_answer(text):
+    """The final answer of a model's solution, as math-verify's sympy values: the last line '#### N' (GSM8K) or
+    'A: N' when there is one, else math-verify's reading (\\boxed{}, "final answer is", "answer", else the last
+    number or LaTeX); [] when none."""
+    if not isinstance(text, str):
+        return []
+    marked = re.findall(r"^(?:####|A:) *(\$?-?[\d,]*\.?\d+)\.? *$", text, re.M)   # not '#### Step 2', 'A: 3 + 4 = 7'
+    return _values(marked[-1] if marked else text)
+
+
+def same_values(gold, pred):
+    """Do math-verify's readings of a reference and a prediction agree (numbers, fractions, sets, intervals, ...);
+    not symmetric: `gold` is the reference (an equation x = 5 in pred matches 5, not the other way)."""
+    return verify(gold, pred, timeout_seconds=_time_limit())
+
+
 def is_correct(solution_text, reference_answer):
-    """Is a model's worked solution right: its extracted final answer is equivalent to the reference answer."""
-    return is_equiv(extract_answer(solution_text), reference_answer)
+    """Is a model's worked solution right: its final answer (read_answer) equals the reference answer, read as the
+    content of a \\boxed{}. Where math-verify reads nothing in either, the hand-written extraction and `is_equiv`."""
+    gold = _values(f"\\boxed{{{reference_answer}}}") if isinstance(reference_answer, str) else []
+    pred = read_answer(solution_text)
+    return same_values(gold, pred) if gold and pred else is_equiv(extract_answer(solution_text), reference_answer)
 
 
 # ----------------------------------------------------------------------------- MATH / GSM8K JSONL
@@ -198,13 +244,37 @@ def chat(tok, text):
     return prompt
 
 
+def _label(words, letter):
+    """A label that opens a part, as models write it: 'Problem:', '**Problem 1:**', '### Problem' on its own line,
+    'Q:' at a line's start, or inline after a space ('Here is a new practice problem: ...'); any case."""
+    return re.compile(rf"^[ \t#*]*(?:{words}|{letter})(?: *#?\d+)?[ \t*]*(?::[ \t*]*|$)"   # at a line's start
+                      rf"|(?<=\s)(?:{words})(?: *#?\d+)?\**:\**", re.I | re.M)              # inline, with a colon
+
+
+PROBLEM_LABEL = _label(r"(?:practice |new |similar )?(?:problem|question)", "q")
+SOLUTION_LABEL = _label(r"(?:worked |step-by-step )?(?:solution|answer)", "a")
+
+
+def has_final_answer(text):
+    """Does a solution state a final answer the grader can read (read_answer, or \\boxed{} / '#### N')."""
+    return bool(read_answer(text)) or extract_answer(text) is not None
+
+
 def parse_worked(text):
-    """(problem, solution) from 'Problem: ... Solution: ...' whose solution has a final answer, or None."""
-    head, found, solution = text.partition("Solution:")
-    problem = head.split("Problem:")[-1].strip(" *#\n")
-    solution = solution.strip(" *\n")
-    if not found or not problem or extract_answer(solution) is None:
+    """(problem, solution) from a practice example written as 'Problem: ... Solution: ...' (or one of the label
+    forms of `_label`; 'Question: ... Answer: ...'), whose solution has a final answer; None otherwise. The problem
+    follows the last problem label before the first solution label; the solution ends at the next problem label that
+    opens a line (a second practice problem; 'To solve this problem: ...' inside the solution does not end it)."""
+    first = PROBLEM_LABEL.search(text)
+    found = first and SOLUTION_LABEL.search(text, first.end())
+    if not found:
         return None
+    problem = text[[m.end() for m in PROBLEM_LABEL.finditer(text, 0, found.start())][-1]:found.start()]
+    ends = [m.start() for m in PROBLEM_LABEL.finditer(text, found.end()) if text[m.start() - 1] == "\n"]
+    solution = text[found.end():ends[0] if ends else len(text)]
+    problem, solution = problem.strip(" *#\n"), solution.strip()
+    if not re.search(r"[^\W\d_]{2}", problem) or not has_final_answer(solution):
+        return None                                   # no problem in words ('Problem: 3'), or no final answer
     return problem, solution
 
 
@@ -251,7 +321,8 @@ class MathWorld:
         return is_correct(predicted, answer)
 
     def same_answer(self, a, b):
-        return is_equiv(extract_answer(a), extract_answer(b))
+        x, y = read_answer(a), read_answer(b)
+        return same_values(y, x) if x and y else is_equiv(extract_answer(a), extract_answer(b))
 
     def random_examples(self, rng, target, m):
         """m random rows other than T, with their reference solutions: of --data, else of the evaluation file."""
