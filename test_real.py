@@ -252,6 +252,25 @@ def test_lora_targets_without_a_match_name_the_model_and_the_names_tried():
         lora_targets(tiny_hf_model("llama", char_tokenizer_with_eos()), "wq")
 
 
+PROMPTS = ["What is 2+3?\n", "x", "A longer prompt: 12+34=46; 7*8=56\n"]    # different lengths: left padding
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_cached_decoding_writes_the_text_of_the_uncached_loop(arch):
+    """decode with a KV cache against the plain loop that runs the whole sequence again for every token, through an
+    adapter that changes the model: greedy, and sampling with the same seed. At LoRA scale 4 (not 2, where this tiny
+    GPT-2 writes one repeated character) a new token's position id taken from the prompt's start fails every family."""
+    tok = char_tokenizer_with_eos()
+    model = tiny_hf_model(arch, tok)
+    phi = random_adapter(model)
+    texts = lambda adapters, use_cache, temperature=0.0, seed=0: generator.decode(
+        model, adapters, 4.0, tok, PROMPTS, 30, temperature, torch.Generator().manual_seed(seed), None, use_cache)
+    greedy = texts([phi], True)
+    assert greedy == texts([phi], False) and greedy != texts([], True)            # the adapter changes the text
+    assert texts([], True) == texts([], False)
+    assert all(texts([phi], True, 1.0, seed) == texts([phi], False, 1.0, seed) for seed in range(3))
+
+
 @pytest.mark.parametrize("text, parsed", [
     ("Problem: What is 2+3?\nSolution: 2+3=5, so $\\boxed{5}$.", ("What is 2+3?", "2+3=5, so $\\boxed{5}$.")),
     ("Sure!\n**Problem:** Find x.\n**Solution:** x = 2, so \\boxed{2}", ("Find x.", "x = 2, so \\boxed{2}")),
