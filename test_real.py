@@ -271,6 +271,26 @@ def test_cached_decoding_writes_the_text_of_the_uncached_loop(arch):
     assert all(texts([phi], True, 1.0, seed) == texts([phi], False, 1.0, seed) for seed in range(3))
 
 
+def test_smollm2_gguf_decodes_the_same_with_and_without_cache_and_takes_an_adapter():
+    """SmolLM2-135M-Instruct from its GGUF file (requirements-gguf.txt; skipped without it): loaded like a folder model,
+    the cached and uncached greedy texts agree, and an adapter changes the logits. About 40 s, most of it transformers
+    reading the GGUF file."""
+    path = base_model.smollm2_gguf()
+    if path is None or not base_model.gguf_readable():
+        pytest.skip("SmolLM2 is not installed: see requirements-gguf.txt")
+    model, tok = base_model.load(path)
+    assert model.hf_quantizer is None and "quantization_config" not in model.config.to_dict()   # can be saved
+    assert model.config._attn_implementation == "eager" and not model.training and tok.pad_token is not None
+    prompts = ["Question: What is 12 + 30?\nAnswer:", "The capital of France is"]     # 11 and 5 tokens
+    cached = generator.decode(model, [], 1.0, tok, prompts, 16, stop=None)
+    assert cached == generator.decode(model, [], 1.0, tok, prompts, 16, stop=None, use_cache=False)
+    assert all(len(tok(t)["input_ids"]) >= 8 for t in cached), cached                  # it wrote something
+    ids = tok(prompts[1], return_tensors="pt")["input_ids"]
+    phi = random_adapter(model)                                                        # on 30 layers' q_proj, v_proj
+    assert len(phi) == 4 * 30 and forward(model, [phi], 1.0, ids).shape == (1, 5, 49152)
+    assert not torch.allclose(forward(model, [phi], 1.0, ids), forward(model, [], 1.0, ids), atol=1e-3)
+
+
 @pytest.mark.parametrize("text, parsed", [
     ("Problem: What is 2+3?\nSolution: 2+3=5, so $\\boxed{5}$.", ("What is 2+3?", "2+3=5, so $\\boxed{5}$.")),
     ("Sure!\n**Problem:** Find x.\n**Solution:** x = 2, so \\boxed{2}", ("Find x.", "x = 2, so \\boxed{2}")),
