@@ -273,8 +273,8 @@ def test_cached_decoding_writes_the_text_of_the_uncached_loop(arch):
 
 def test_smollm2_gguf_decodes_the_same_with_and_without_cache_and_takes_an_adapter():
     """SmolLM2-135M-Instruct from its GGUF file (requirements-gguf.txt; skipped without it): loaded like a folder model,
-    the cached and uncached greedy texts agree, and an adapter changes the logits. About 40 s, most of it transformers
-    reading the GGUF file."""
+    the cached and uncached greedy texts agree, and an adapter changes the logits. 50-70 s on a busy 2-core CPU, most
+    of it transformers reading the GGUF file."""
     path = base_model.smollm2_gguf()
     if path is None or not base_model.gguf_readable():
         pytest.skip("SmolLM2 is not installed: see requirements-gguf.txt")
