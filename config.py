@@ -38,7 +38,8 @@ class Config:
     device: str = arg("cpu", "torch device: cpu | cuda | auto (cuda when available)")
     dtype: str = arg("float32", "float32 | bfloat16: the base model's weights (adapters and scorer stay float32)")
     # a real model and real data (instead of the toy base and world)
-    model: str = arg("", "a local Hugging Face causal LM folder, used instead of building and pretraining the toy base")
+    model: str = arg("", "a local Hugging Face causal LM folder or .gguf file, used instead of building and pretraining "
+                        "the toy base")
     data: str = arg("", "MATH/GSM8K JSONL of meta-training targets, instead of the toy world")
     eval_data: str = arg("", "MATH/GSM8K JSONL of held-out targets (default: the --data rows, which are not held out)")
     limit: int = arg(0, "real data: evaluate the first N rows of the evaluation file (0: --eval-targets of them)")

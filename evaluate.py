@@ -286,8 +286,9 @@ def cli(argv):
     parser.add_argument("--out", default="runs/default", help="a run folder written by train.py")
     parser.add_argument("--eval-targets", type=int, default=None, help="held-out targets (default: the run's)")
     parser.add_argument("--limit", type=int, default=None, help="real data: the first N rows (default: the run's)")
-    parser.add_argument("--model", default=None, help="no run folder: this local Hugging Face causal LM with an "
-                        "untrained scorer and psi = 0; every train.py setting applies, --out defaults to runs/eval")
+    parser.add_argument("--model", default=None, help="no run folder: this local Hugging Face causal LM (a folder or "
+                        ".gguf file) with an untrained scorer and psi = 0; every train.py setting applies, --out "
+                        "defaults to runs/eval")
     args, rest = parser.parse_known_args(argv)
     if args.model:   # every train.py setting, from the command line (later ones win)
         cfg = config.parse_args(["--out", "runs/eval", "--meta-steps", "0", *argv])

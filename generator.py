@@ -5,20 +5,29 @@ The generator is theta = base + psi: the frozen base with a trainable LoRA adapt
 the untrained generator is the base model itself). psi is trained by REINFORCE in meta_step.py, which needs
 log pi_psi(p_i, a_i | T) with gradient; sampling itself runs without gradient.
 
-Sampling is a short loop of our own through `functional_call` (toy examples are ~20 tokens, so no KV cache is
-needed; a worked solution of a few hundred tokens costs a forward over the whole text per token, see the README):
-`model.generate` cannot take the adapter as a parameter override.
+Sampling is a short loop of our own through `functional_call`, because `model.generate` cannot take the adapter
+as a parameter override: the adapters are merged into the weights once per call, the prompt runs once, and each new
+token runs alone against a KV cache (transformers' DynamicCache), as `generate` does.
 
 What the prompt says, what ends a sample and how a sample becomes a practice example (p_i, a_i) belong to the world
 (world.py): a toy construction `35+23=58`, or a worked real problem `Problem: ... Solution: ... \\boxed{5}`.
 
     python generator.py RUN_DIR    # samples practice problems from a saved base model (default runs/default)
 """
+import inspect
+import os
 import sys
 
 import torch
+from torch.func import functional_call
+from transformers import DynamicCache
 
-from inner_loop import answer_nll, encode, forward
+from inner_loop import answer_nll, encode, merged_weights
+
+
+def cache_argument(model):
+    """The name of the model's KV-cache argument: `cache` in recent transformers, `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def eos_ids(model, tok):
@@ -29,27 +38,36 @@ def eos_ids(model, tok):
 
 
 @torch.no_grad()
-def decode(model, adapters, scale, tok, prompts, max_new, temperature=0.0, gen=None, stop="\n"):
+def decode(model, adapters, scale, tok, prompts, max_new, temperature=0.0, gen=None, stop="\n", use_cache=True):
     """Continue each prompt until `stop` (None: EOS only) or EOS, at most max_new tokens; greedy when temperature is 0.
-    Prompts of different lengths are left-padded, with an attention mask and matching position ids."""
+    Prompts of different lengths are left-padded, with an attention mask and matching position ids.
+    use_cache: run the prompt once, then one new token per step against the cached keys and values (a DynamicCache);
+    False: the whole sequence again for every token (the plain reference; the same text, see test_real.py)."""
     encoded = [tok(p)["input_ids"] for p in prompts]
     L = max(map(len, encoded))
     device = model.device
     ids = torch.tensor([[tok.pad_token_id] * (L - len(e)) + e for e in encoded], device=device)    # (n, L)
     attention = torch.tensor([[0] * (L - len(e)) + [1] * len(e) for e in encoded], device=device)  # (n, L)
+    weights = merged_weights(model, adapters, scale)      # W + scale * B A, once for the whole call
+    cache = DynamicCache(config=model.config) if use_cache else None
+    unseen = ids                                          # the tokens whose keys and values are not cached yet
     out = [[] for _ in prompts]
     done = [False] * len(prompts)
     eos = eos_ids(model, tok)
     for _ in range(max_new):
-        positions = (attention.cumsum(1) - 1).clamp(min=0)
-        logits = forward(model, adapters, scale, ids, attention_mask=attention, position_ids=positions)[:, -1]
+        if not use_cache:
+            unseen = ids
+        positions = (attention.cumsum(1) - 1).clamp(min=0)[:, -unseen.shape[1]:]  # real tokens before each one
+        logits = functional_call(model, weights, (unseen,), {"attention_mask": attention, "position_ids": positions,
+                                 cache_argument(model): cache, "use_cache": use_cache}).logits[:, -1]    # (n, V)
         if temperature > 0:  # sample on the CPU so that a seeded generator gives the same text on any device
             probs = torch.softmax(logits.float().cpu() / temperature, dim=-1)              # (n, V)
             next_ids = torch.multinomial(probs, 1, generator=gen).squeeze(1).to(device)     # (n,)
         else:
             next_ids = logits.argmax(-1)                                                     # (n,)
-        ids = torch.cat([ids, next_ids[:, None]], 1)
-        attention = torch.cat([attention, torch.ones_like(next_ids)[:, None]], 1)
+        unseen = next_ids[:, None]                                                           # (n, 1)
+        ids = torch.cat([ids, unseen], 1)                                                    # (n, L + t)
+        attention = torch.cat([attention, torch.ones_like(unseen)], 1)                      # (n, L + t)
         for i, t in enumerate(next_ids.tolist()):
             if not done[i]:
                 out[i].append(t)
@@ -85,8 +103,14 @@ def log_prob(model, psi, scale, tok, world, target, lines):
 if __name__ == "__main__":
     import base_model
     import tasks
+    run = (sys.argv[1:] or ["runs/default"])[0]
+    try:   # a missing or unusable base: one line, no traceback
+        base_model.check(os.path.join(run, "base"), "auto", 1, option="RUN_DIR")
+    except (ValueError, OSError) as e:
+        print(f"generator.py: error: {' '.join(str(e).split())}", file=sys.stderr)
+        sys.exit(1)
     world = tasks.ToyWorld(n_heldout=6, seed=0)
-    model, tok = base_model.load((sys.argv[1:] or ["runs/default"])[0] + "/base")
+    model, tok = base_model.load(os.path.join(run, "base"))
     gen = torch.Generator().manual_seed(0)
     for domain, problem, _, answer in world.heldout():
         examples = synthesize(model, {}, 1.0, tok, world, problem, 4, 1.0, 24, gen)

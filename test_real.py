@@ -366,6 +366,45 @@ def test_lora_targets_without_a_match_name_the_model_and_the_names_tried():
         lora_targets(tiny_hf_model("llama", char_tokenizer_with_eos()), "wq")
 
 
+PROMPTS = ["What is 2+3?\n", "x", "A longer prompt: 12+34=46; 7*8=56\n"]    # different lengths: left padding
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_cached_decoding_writes_the_text_of_the_uncached_loop(arch):
+    """decode with a KV cache against the plain loop that runs the whole sequence again for every token, through an
+    adapter that changes the model: greedy, and sampling with the same seed. At LoRA scale 4 (not 2, where this tiny
+    GPT-2 writes one repeated character) a new token's position id taken from the prompt's start fails every family."""
+    tok = char_tokenizer_with_eos()
+    model = tiny_hf_model(arch, tok)
+    phi = random_adapter(model)
+    texts = lambda adapters, use_cache, temperature=0.0, seed=0: generator.decode(
+        model, adapters, 4.0, tok, PROMPTS, 30, temperature, torch.Generator().manual_seed(seed), None, use_cache)
+    greedy = texts([phi], True)
+    assert greedy == texts([phi], False) and greedy != texts([], True)            # the adapter changes the text
+    assert texts([], True) == texts([], False)
+    assert all(texts([phi], True, 1.0, seed) == texts([phi], False, 1.0, seed) for seed in range(3))
+
+
+def test_smollm2_gguf_decodes_the_same_with_and_without_cache_and_takes_an_adapter():
+    """SmolLM2-135M-Instruct from its GGUF file (requirements-gguf.txt; skipped without it): loaded like a folder model,
+    the cached and uncached greedy texts agree, and an adapter changes the logits. 50-70 s on a busy 2-core CPU, most
+    of it transformers reading the GGUF file."""
+    path = base_model.smollm2_gguf()
+    if path is None or not base_model.gguf_readable():
+        pytest.skip("SmolLM2 is not installed: see requirements-gguf.txt")
+    model, tok = base_model.load(path)
+    assert model.hf_quantizer is None and "quantization_config" not in model.config.to_dict()   # can be saved
+    assert model.config._attn_implementation == "eager" and not model.training and tok.pad_token is not None
+    prompts = ["Question: What is 12 + 30?\nAnswer:", "The capital of France is"]     # 11 and 5 tokens
+    cached = generator.decode(model, [], 1.0, tok, prompts, 16, stop=None)
+    assert cached == generator.decode(model, [], 1.0, tok, prompts, 16, stop=None, use_cache=False)
+    assert all(len(tok(t)["input_ids"]) >= 8 for t in cached), cached                  # it wrote something
+    ids = tok(prompts[1], return_tensors="pt")["input_ids"]
+    phi = random_adapter(model)                                                        # on 30 layers' q_proj, v_proj
+    assert len(phi) == 4 * 30 and forward(model, [phi], 1.0, ids).shape == (1, 5, 49152)
+    assert not torch.allclose(forward(model, [phi], 1.0, ids), forward(model, [], 1.0, ids), atol=1e-3)
+
+
 @pytest.mark.parametrize("text, parsed", [
     ("Problem: What is 2+3?\nSolution: 2+3=5, so $\\boxed{5}$.", ("What is 2+3?", "2+3=5, so $\\boxed{5}$.")),
     ("Sure!\n**Problem:** Find x.\n**Solution:** x = 2, so \\boxed{2}", ("Find x.", "x = 2, so \\boxed{2}")),

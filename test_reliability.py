@@ -113,14 +113,20 @@ def test_bad_data_file_is_refused_in_one_line(which, content, message, tmp_path,
 
 
 def model_folders(root):
-    """A causal LM of width 32, a folder without config.json, a model that is not a causal LM."""
+    """A causal LM of width 32, a folder without config.json, a model that is not a causal LM, a .gguf file of text
+    and one cut after its GGUF header's magic and version."""
     tok = base_model.build_tokenizer()
     llama = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                          intermediate_size=64))
     base_model.save(llama, tok, str(root / "llama"))
     (root / "empty").mkdir()
     DistilBertConfig().save_pretrained(str(root / "distilbert"))
+    (root / "garbage.gguf").write_bytes(b"hello, not a model\n")
+    (root / "truncated.gguf").write_bytes(b"GGUF\x03\x00\x00\x00\x05\x00")
     return root
+
+
+GGUF_REFUSED = "not a readable GGUF file" if base_model.gguf_readable() else "reading a GGUF file needs"
 
 
 @pytest.mark.parametrize("model, extra, message", [
@@ -129,12 +135,15 @@ def model_folders(root):
     ("distilbert", [], "model type 'distilbert' is not a causal LM"),
     ("llama", ["--lora-rank", "33"], "LoRA rank 33 is larger than layer model.layers.0.self_attn.q_proj"),
     ("llama", ["--lora-modules", "wq"], "no nn.Linear or Conv1D module named any of ['wq']"),
+    ("missing.gguf", [], "missing.gguf: no such file"),
+    ("garbage.gguf", [], "garbage.gguf: " + GGUF_REFUSED),
+    ("truncated.gguf", [], "truncated.gguf: " + GGUF_REFUSED),
 ])
 def test_bad_model_is_refused_in_one_line(model, extra, message, tmp_path, capsys):
     root = model_folders(tmp_path)
     status, err = refused([*QUICK, "--out", str(tmp_path / "run"), "--model", str(root / model), *extra], capsys)
     assert status == 1 and message in err and len(err.strip().splitlines()) == 1, err
-    assert not (tmp_path / "run").exists()
+    assert "Traceback" not in err and not (tmp_path / "run").exists()
 
 
 def test_out_that_cannot_be_written_is_refused(tmp_path, capsys):
