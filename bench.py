@@ -13,6 +13,7 @@ so float32 round-off would only measure summation order); rel_err_float32 is the
     python bench.py              # the meta-gradient table, written to bench.json's "meta_gradient"
     python bench.py --sampling   # the sampling benchmark, written to bench.json's "sampling" (7 min here, 1 thread)
 """
+import argparse
 import json
 import os
 import random
@@ -25,6 +26,7 @@ import time
 import torch
 
 import base_model
+import config
 import math_data
 import tasks
 from generator import decode, eos_ids
@@ -193,7 +195,14 @@ def main(which):
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--one"]:
-        print(json.dumps(measure(sys.argv[2], int(sys.argv[3]))))
+    parser = config.Parser(prog="bench.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sampling", action="store_true", help="the sampling benchmark instead of the meta-gradients")
+    parser.add_argument("--one", nargs=2, metavar=("MODE", "K"), help=argparse.SUPPRESS)   # one (mode, K), internal
+    args = parser.parse_args()
+    if args.one:
+        mode, K = args.one
+        if mode not in MODES or not K.isdigit() or int(K) < 1:
+            parser.error(f"--one: a mode of {', '.join(MODES)} and a K of at least 1, not {mode} {K}")
+        print(json.dumps(measure(mode, int(K))))
     else:
-        main(["sampling"] if sys.argv[1:2] == ["--sampling"] else ["meta_gradient"])
+        main(["sampling"] if args.sampling else ["meta_gradient"])

@@ -6,7 +6,6 @@ Tests on tiny random models (2 layers, width 32), each against an independent re
 import importlib.util
 import json
 import os
-import random
 import subprocess
 import sys
 
@@ -15,12 +14,10 @@ import torch
 from transformers.models.llama import modeling_llama
 
 import base_model
-import config
-import evaluate
 import generator
 import tasks
 from inner_loop import adapt, encode, forward, init_lora, inner_loss, lora_targets
-from meta_step import attribution, example_features, meta_step, outer_loss, reinforce_surrogate, training_pairs
+from meta_step import attribution, example_features, outer_loss, reinforce_surrogate, training_pairs
 from scorer import N_SCALARS, Scorer, weights_from_scores
 from stats import auc, sign_test
 
@@ -207,44 +204,7 @@ def test_reinforce_gradient_is_zero_when_advantages_are_zero(model, tok):
     assert all(p.grad is not None and p.grad.abs().max() == 0 for p in psi.values())
 
 
-# ----------------------------------------------------------------------------- generation and the toy world
-
-@pytest.mark.parametrize("line", ["", "23+45", "=68", "23+45=", "23+45=6x", "hello=3", "23++45=68", "@23+45=68",
-                                  "x+23=58;x=35", "tri(50)=70"])
-def test_malformed_generations_parse_as_invalid(line):
-    assert TOY.parse(line) is None
-
-
-def test_a_construction_parses_into_the_problem_it_solves():
-    assert TOY.parse("35+23=58") == ("x+23=58;x=", "35")
-    assert TOY.parse("3*5+4=19") == ("3*x+4=19;x=", "5")
-    assert TOY.parse("tri(50,60)=70") == ("tri(50,x)=70;x=", "60")
-    problem, answer = TOY.parse("35+23=59")          # wrong arithmetic: a well-formed example, a wrong answer
-    assert tasks.solve(problem) == "36" != answer
-
-
-def test_checker_solves_every_domain_and_constructions_are_right():
-    rng = random.Random(0)
-    for d in tasks.DOMAIN_NAMES:
-        hits = 0
-        for _ in range(50):
-            p, a = tasks.sample_problem(rng, d)
-            assert tasks.domain_of(p) == d and tasks.solve(p) == a
-            for line in tasks.nearby_constructions(p, rng, 4, spread=3):
-                q, x = tasks.from_construction(line)
-                assert tasks.domain_of(q) == d and tasks.solve(q) == x and abs(int(x) - int(a)) <= 3
-                hits += q == p
-        assert 0 < hits < 200          # the target itself is among a perfect generator's constructions, not always
-    assert tasks.solve("12*x+5=41;x=") == "3" and tasks.solve("x-17=20;x=") == "37"
-    assert tasks.solve("tri(50,x)=70;x=") == "60" and tasks.solve("7*x=50;x=") is None and tasks.solve("7x=") is None
-
-
-def test_train_and_heldout_are_disjoint():
-    rng = random.Random(0)
-    train = {tasks.sample_problem(rng, d)[0] for d in tasks.DOMAIN_NAMES for _ in range(200)}
-    heldout = {p for _, p, _ in tasks.heldout_targets(300, seed=0)}
-    assert not train & heldout and len(heldout) == 300
-
+# ----------------------------------------------------------------------------- generation and statistics
 
 def test_decode_sampling_is_seeded_and_stops_at_newline(model, tok):
     gen = lambda: torch.Generator().manual_seed(3)
@@ -256,66 +216,6 @@ def test_decode_sampling_is_seeded_and_stops_at_newline(model, tok):
 def test_statistics():
     assert auc([0.9, 0.8, 0.1], [1, 1, 0]) == 1.0 and auc([0.1, 0.9], [1, 0]) == 0.0
     assert sign_test([1.0] * 10) == pytest.approx(2 / 2 ** 10) and sign_test([1, -1]) == 1.0
-
-
-# ----------------------------------------------------------------------------- a third world
-
-WORDS = ["abc", "xyz", "hello", "mass", "lora", "meta", "world", "token"]
-
-
-class ReverseWorld:
-    """A world written only here, to show that the method files need no change for a new one (world.py): a problem
-    is a word, its answer the word reversed; any generated text of two or more characters is a practice example."""
-    stop = "\n"
-    has_checker = False
-
-    def train_targets(self, rng):
-        while True:
-            word = rng.choice(WORDS)
-            yield "reverse", word, word[::-1]
-
-    def heldout(self):
-        return [("reverse", w, w[::-1], w[::-1]) for w in WORDS[:3]]
-
-    def practice_prompt(self, tok, target):
-        return f"\n#{target}\n"
-
-    def parse(self, text):
-        return (text, text[::-1]) if len(text.strip()) >= 2 else None
-
-    def as_written(self, text, prompt, answer):
-        return prompt, answer
-
-    def answer_prompt(self, tok, problem):
-        return f"\n{problem}>"
-
-    def answer_end(self, tok):
-        return "\n"
-
-    def is_correct(self, predicted, answer):
-        return predicted == answer
-
-    def same_answer(self, a, b):
-        return a == b
-
-    def random_examples(self, rng, target, m):
-        return [(w, w[::-1]) for w in (rng.choice([w for w in WORDS if w != target]) for _ in range(m))]
-
-
-def test_a_new_world_runs_through_meta_step_and_evaluation_unchanged(model, tok, tmp_path):
-    world = ReverseWorld()
-    cfg = config.parse_args(["--preset", "tiny", "--m", "3", "--max-new", "6", "--out", str(tmp_path)])
-    eta, phi0 = Scorer(32, cfg.scorer_width), init_lora(model, lora_targets(model), cfg.lora_rank, seed=1)
-    psi = {n: p.requires_grad_() for n, p in init_lora(model, lora_targets(model), cfg.lora_rank, seed=0).items()}
-    _, target, reference = next(world.train_targets(random.Random(0)))
-    row = meta_step(model, tok, world, eta, psi, phi0, target, reference, cfg, torch.Generator().manual_seed(0),
-                    {"improvement": 0.0, "g_norm": None}, grad_scale=1.0)
-    assert row["skipped"] == 0 and row["valid"] > 0 and "correct" not in row     # no checker, no correctness
-    assert eta.net[-1].weight.grad.abs().sum() > 0 and all(p.grad is not None for p in psi.values())
-    results = evaluate.run(model, tok, world, eta, {n: p.detach() for n, p in psi.items()}, phi0, cfg, str(tmp_path))
-    assert set(results["methods"]) == {"no_adapt", "random_ttt", "self_uniform", "scorer_only", "mass"}
-    assert "oracle" in results["not_applicable"] and results["methods"]["mass"]["overall"]["n"] == 3
-    assert results["methods"]["random_ttt"]["overall"]["dnll"] != 0.0                # it adapted on its pool
 
 
 # ----------------------------------------------------------------------------- end to end
