@@ -150,25 +150,25 @@ def test_half_saved_base_is_not_reused(tmp_path, monkeypatch, capsys):
     assert (out / "base" / "config.json").exists() and not (out / "base.tmp").exists()
 
 
-def test_kill_9_and_rerun_ends_as_an_uninterrupted_run(tmp_path):
+def test_kill_9_and_rerun_ends_as_an_uninterrupted_run(tmp_path, tiny_base, capsys):
     """train.py --preset tiny killed with SIGKILL after its first checkpoint, then run again, writes the same
     metrics.jsonl (wall-clock fields aside) and results.json as a run that was never stopped."""
-    args = [sys.executable, os.path.join(HERE, "train.py"), "--preset", "tiny", "--pretrain-steps", "200",
-            "--meta-steps", "12", "--checkpoint-every", "2", "--eval-targets", "6"]
-    subprocess.run([*args, "--out", str(tmp_path / "straight")], check=True, cwd=HERE, capture_output=True)
-    out = tmp_path / "killed"
-    running = subprocess.Popen([*args, "--out", str(out)], cwd=HERE, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+    args = ["--preset", "tiny", "--meta-steps", "12", "--checkpoint-every", "2", "--eval-targets", "6"]
+    straight, out = run_folder(tmp_path, tiny_base, "straight"), run_folder(tmp_path, tiny_base, "killed")
+    train.main(config.parse_args([*args, "--out", str(straight)]))
+    running = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), *args, "--out", str(out)], cwd=HERE,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not (out / "checkpoint.pt").exists() and running.poll() is None and time.time() < deadline:
         time.sleep(0.01)
     running.send_signal(signal.SIGKILL)
     assert running.wait() == -signal.SIGKILL
     assert torch.load(out / "checkpoint.pt")["step"] < 12 and not (out / "results.json").exists()
-    again = subprocess.run([*args, "--out", str(out)], check=True, cwd=HERE, capture_output=True, text=True)
-    assert "continuing from the checkpoint at meta-step" in again.stdout
-    assert same_rows(without_clock(out / "metrics.jsonl"), without_clock(tmp_path / "straight" / "metrics.jsonl"))
-    assert (out / "results.json").read_bytes() == (tmp_path / "straight" / "results.json").read_bytes()
+    capsys.readouterr()
+    train.main(config.parse_args([*args, "--out", str(out)]))
+    assert "continuing from the checkpoint at meta-step" in capsys.readouterr().out
+    assert same_rows(without_clock(out / "metrics.jsonl"), without_clock(straight / "metrics.jsonl"))
+    assert (out / "results.json").read_bytes() == (straight / "results.json").read_bytes()
 
 
 # ----------------------------------------------------------------------------- evaluation: continued after a kill
