@@ -101,8 +101,9 @@ def stop_signals():
         if stop:
             raise KeyboardInterrupt
         stop.append(signum)
-        print(f"\n{signal.Signals(signum).name}: finishing this meta-step, then a checkpoint (again: stop now)",
-              file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":    # torchrun: every rank gets the signal, rank 0 says so
+            print(f"\n{signal.Signals(signum).name}: finishing this meta-step, then a checkpoint (again: stop now)",
+                  file=sys.stderr)
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, handler)
     return stop
