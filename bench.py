@@ -92,8 +92,9 @@ def meta_gradients():
     for r in rows:
         r["rel_err_vs_unroll"] = rel_err(r.pop("g64"), unroll[r["K"]]["g64"]) if r["mode"] != "unroll" else 0.0
         r["rel_err_float32"] = rel_err(r["g32"], unroll[r["K"]]["g32"])
-    for r in rows:
+    for r in rows:                   # the gradients themselves are not results
         r.pop("g32")
+        r.pop("g64", None)
     print(f"one meta-gradient, m = {M}, LoRA rank {RANK} on q/v, default model, 1 thread; median of {REPEATS}")
     print(f"{'mode':8s} {'K':>3s} {'seconds':>9s} {'peak MB':>9s} {'rel err (f64)':>14s} {'rel err (f32)':>14s}")
     for r in rows:
