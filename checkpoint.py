@@ -92,16 +92,17 @@ def keep_logged_lines(log_path, step):
     atomic_write(log_path, lambda f: f.write(kept.encode()))
 
 
-def stop_signals():
+def stop_signals(announce=True):
     """Ctrl-C or SIGTERM: finish the meta-step, write a checkpoint, then stop; a second one stops at once.
-    Returns the list the handler appends the signal to; the loop checks it after each meta-step."""
+    Returns the list the handler appends the signal to; the loop checks it after each meta-step.
+    announce: say so on stderr (under torchrun every rank gets the signal, and rank 0 says so)."""
     stop = []
 
     def handler(signum, frame):
         if stop:
             raise KeyboardInterrupt
         stop.append(signum)
-        if os.environ.get("RANK", "0") == "0":    # torchrun: every rank gets the signal, rank 0 says so
+        if announce:
             print(f"\n{signal.Signals(signum).name}: finishing this meta-step, then a checkpoint (again: stop now)",
                   file=sys.stderr)
     for s in (signal.SIGINT, signal.SIGTERM):
@@ -159,7 +160,7 @@ def check_eval(folder, expected):
                if saved.get(k) != v]
     if changed:
         raise Refused(f"{folder}: a partial evaluation with other settings ({'; '.join(changed)}); rerun it with "
-                         f"its settings, or remove {folder} to evaluate from the start")
+                      f"its settings, or remove {folder} to evaluate from the start")
 
 
 def start_eval(folder, expected, write=True):

@@ -8,6 +8,7 @@ import argparse
 import dataclasses
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -91,7 +92,6 @@ class Config:
         return self.lora_alpha / self.lora_rank
 
 
-
 PRESETS = {
     "default": {},
     "tiny": dict(hidden=48, layers=2, heads=2, intermediate=96, pretrain_steps=300, pretrain_batch=16, m=4, K=2,
@@ -120,6 +120,13 @@ class Parser(argparse.ArgumentParser):
 def first_rank():
     """Whether this process says things: alone, or rank 0 under torchrun (the other ranks stay quiet)."""
     return os.environ.get("RANK", "0") == "0"
+
+
+def refuse(prog, error):
+    """Bad input found before any work: one line on stderr (from rank 0 under torchrun), exit status 1."""
+    if first_rank():
+        print(f"{prog}: error: {' '.join(str(error).split())}", file=sys.stderr)
+    sys.exit(1)
 
 
 def flag(name):

@@ -294,10 +294,10 @@ def cli(argv):
         cfg = config.parse_args(["--out", "runs/eval", "--meta-steps", "0", *argv])
     elif rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)} (train.py's settings need --model)")
-    for name in ("eval_targets", "limit"):
-        value = getattr(args, name)
-        if value is not None and value < (1 if name == "eval_targets" else 0):
-            parser.error(f"--{name.replace('_', '-')} must be at least {1 if name == 'eval_targets' else 0}, not {value}")
+    if args.eval_targets is not None and args.eval_targets < 1:
+        parser.error(f"--eval-targets must be at least 1, not {args.eval_targets}")
+    if args.limit is not None and args.limit < 0:
+        parser.error(f"--limit must be at least 0, not {args.limit}")
     try:
         cfg = cfg if args.model else run_settings(args)
         cfg.device = config.pick_device(cfg.device)
@@ -307,16 +307,11 @@ def cli(argv):
         world = config.make_world(cfg)
         model, tok, eta, psi, phi0 = untrained(cfg) if args.model else trained_run(cfg, cfg.out)
     except (ValueError, OSError) as e:
-        refuse(e)
+        config.refuse("evaluate.py", e)
     try:
         run(model, tok, world, eta, psi, phi0, cfg, cfg.out, trained=not args.model)
     except checkpoint.Refused as e:   # a partial evaluation of the same eta and psi with other settings
-        refuse(e)
-
-
-def refuse(error):
-    print(f"evaluate.py: error: {' '.join(str(error).split())}", file=sys.stderr)
-    sys.exit(1)
+        config.refuse("evaluate.py", e)
 
 
 if __name__ == "__main__":

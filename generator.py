@@ -107,8 +107,8 @@ if __name__ == "__main__":
     try:   # a missing or unusable base: one line, no traceback
         base_model.check(os.path.join(run, "base"), "auto", 1, option="RUN_DIR")
     except (ValueError, OSError) as e:
-        print(f"generator.py: error: {' '.join(str(e).split())}", file=sys.stderr)
-        sys.exit(1)
+        import config
+        config.refuse("generator.py", e)
     world = tasks.ToyWorld(n_heldout=6, seed=0)
     model, tok = base_model.load(os.path.join(run, "base"))
     gen = torch.Generator().manual_seed(0)

@@ -127,8 +127,7 @@ def check(parser, args):
         checkpoint.check_writable(args.out)
         base_model.check(os.path.join(args.out, "base"), args.lora_modules, args.lora_rank, option="--out")
     except (ValueError, OSError) as e:
-        print(f"room.py: error: {' '.join(str(e).split())}", file=sys.stderr)
-        sys.exit(1)
+        config.refuse("room.py", e)
 
 
 def main(argv):

@@ -174,7 +174,7 @@ def meta_train(model, tok, world, cfg, saved, rank=0, ranks=1):
     if rank == 0:
         checkpoint.keep_logged_lines(log_path, state["step"])
     log = open(log_path if rank == 0 else os.devnull, "a")   # torchrun: rank 0 logs
-    stop = checkpoint.stop_signals()
+    stop = checkpoint.stop_signals(announce=rank == 0)
     params = [*eta.parameters(), *psi.values()]
     bar = tqdm(range(state["step"] + 1, cfg.meta_steps + 1), initial=state["step"], total=cfg.meta_steps,
                desc="meta-training", unit="step", disable=rank > 0)
@@ -257,17 +257,11 @@ def cli(argv):
     try:
         ready = check_inputs(cfg)
     except (ValueError, OSError) as e:
-        refuse(e)
+        config.refuse("train.py", e)
     try:
         main(cfg, ready)
     except checkpoint.Refused as e:   # a partial evaluation of these eta and psi with other settings
-        refuse(e)
-
-
-def refuse(error):
-    if config.first_rank():          # torchrun: one line, from rank 0
-        print(f"train.py: error: {' '.join(str(error).split())}", file=sys.stderr)
-    sys.exit(1)
+        config.refuse("train.py", e)
 
 
 if __name__ == "__main__":
