@@ -2,10 +2,10 @@
 The LLM: a tiny char-level Llama pretrained on the toy world (the stand-in for a pretrained LLM), or any
 local Hugging Face causal LM: a model folder, or one GGUF file (e.g. SmolLM2-135M-Instruct, docs/real_models.md).
 
-Pretraining text mixes three kinds of items. A solved problem `x+23=58;x=35` teaches the model to answer; a
-construction `35+23=58` teaches it forward arithmetic; a block `@x+23=58;x=` followed by four constructions of
-the same equation with x near the true one teaches it to write practice problems for a target, which is what a
-pretrained LLM can do when asked. Nothing is downloaded.
+Pretraining text comes from the toy world (tasks.pretraining_item). A solved problem `23+42+18=83` teaches the
+model to answer in one go; a one-step problem `23+42=65` teaches it single steps; a block `@23+42+18=` followed by
+four worked problems related to it (`42+23+18=65+18=83`) teaches it to write practice problems for a target, which
+is what a pretrained LLM can do when asked. Nothing is downloaded.
 
     python base_model.py    # pretrains the default base for 200 steps and prints the loss
 """
@@ -53,25 +53,13 @@ def build_model(vocab_size, hidden=128, layers=4, heads=4, intermediate=512, max
 
 # ----------------------------------------------------------------------------- pretraining on the toy world
 
-def pretraining_item(rng, block_share):
-    """A block (probability block_share): a target and four constructions near it; else, with equal odds, a solved
-    problem or a construction."""
-    d = rng.choice(tasks.DOMAIN_NAMES)
-    problem, answer = tasks.sample_problem(rng, d, "train")
-    if rng.random() < block_share:
-        return f"{tasks.TARGET_MARK}{problem}\n" + "".join(f"{c}\n" for c in tasks.nearby_constructions(problem, rng, 4))
-    if rng.random() < 0.5:
-        return f"{problem}{answer}\n"
-    return tasks.nearby_constructions(problem, rng, 1)[0] + "\n"
-
-
 def pretraining_batch(tok, rng, batch_size, seq_len, block_share):
     """(batch, seq_len + 1) token ids: items packed after a BOS and cut to length."""
     rows = []
     for _ in range(batch_size):
         text = tasks.BOS
         while len(text) <= seq_len:
-            text += pretraining_item(rng, block_share)
+            text += tasks.pretraining_item(rng, block_share)
         rows.append(tok(text[:seq_len + 1], add_special_tokens=False)["input_ids"])
     return torch.tensor(rows)
 

@@ -54,7 +54,8 @@ class Config:
     pretrain_steps: int = arg(2400, "pretraining steps on the toy world (skipped when OUT/base exists)")
     pretrain_batch: int = arg(64, "pretraining sequences per step")
     pretrain_lr: float = arg(3e-3, "pretraining peak learning rate")
-    block_share: float = arg(0.3, "share of pretraining items that are 'target + 4 nearby solved problems' blocks")
+    block_share: float = arg(0.35, "share of pretraining items that are blocks: a target and 4 worked problems "
+                                   "related to it")
     # the method: steps 1-3
     m: int = arg(8, "synthetic examples per target (step 1)")
     temperature: float = arg(1.0, "sampling temperature of the generator")
@@ -73,6 +74,8 @@ class Config:
     meta_batch: int = arg(8, "targets per meta-step")
     eta_lr: float = arg(0.01, "Adam learning rate of the scorer eta")
     psi_lr: float = arg(1e-4, "Adam learning rate of the generator adapter psi (REINFORCE)")
+    reward: str = arg("attribution", "the generator's per-example reward: attribution (-g_i) | contribution (-w_i g_i, "
+                                     "what example i did in the weighted update)")
     improvement_coef: float = arg(1.0, "weight of the post-update improvement in the generator's reward")
     reward_norm: str = arg("target", "divide each target's dL_out/dw, for the generator's reward, by: target (its "
                            "own norm) | running (a running typical norm, capping one target at 3x typical)")
@@ -109,7 +112,7 @@ ABOVE_0 = ["alpha", "eta_lr", "psi_lr", "pretrain_lr", "lora_alpha"]
 SHARES = ["block_share", "max_skip_share"]      # from 0 to 1
 CHOICES = {"dtype": DTYPES, "outer_target": ("solution", "answer"), "meta_grad": ("unroll", "replay"),
            "eta_grad_norm": ("target", "running"), "reward_norm": ("target", "running"),
-           "answer_with": ("sample", "greedy")}
+           "answer_with": ("sample", "greedy"), "reward": ("attribution", "contribution")}
 
 
 class Parser(argparse.ArgumentParser):

@@ -8,6 +8,10 @@ Held-out test-time adaptation: every method on the same targets, per domain and 
   mass          the trained generator's examples (base + psi), weights from eta
   oracle        m true problems near T, from a world with a checker (the toy world; a reference, not a bound)
 
+Pools never hold an example whose problem is T itself (meta_step.training_pairs): training on a guessed answer to
+T is self-verification, not learning from practice problems. What such examples would add is its own comparison,
+`with_target` in results.json: mass_with_target is mass with them left in the pool.
+
 Measures per target: dnll, the change of the answer's NLL (nats) after adaptation, and greedy accuracy.
 Methods are compared paired on the same targets (mean, s.e., median, sign test).
 
@@ -35,11 +39,12 @@ import data_parallel
 import plots
 from generator import decode, synthesize
 from inner_loop import adapt, encode, init_lora, lora_targets
-from meta_step import attribution, example_features, outer_loss, target_batch, training_pairs
+from meta_step import attribution, example_features, outer_loss, pool_quality, target_batch, training_pairs
 from scorer import Scorer, weights_from_scores
 from stats import auc, correlation, mean_se, median, sign_test
 
 METHODS = ["no_adapt", "random_ttt", "self_uniform", "scorer_only", "mass", "oracle"]
+WITH_TARGET = "mass_with_target"   # a comparison apart from METHODS: mass with the examples that are T itself
 PAIRS = [("mass", "self_uniform"), ("mass", "random_ttt"), ("mass", "no_adapt"), ("mass", "scorer_only"),
          ("scorer_only", "self_uniform"), ("self_uniform", "no_adapt"), ("oracle", "no_adapt")]
 NOT_APPLICABLE = {"oracle": "this world has no checker to write true problems near T (the toy world has one)",
@@ -49,16 +54,16 @@ NOT_APPLICABLE = {"oracle": "this world has no checker to write true problems ne
 
 def methods_for(world, trained):
     """The methods that make sense: oracle needs a world with a checker; scorer_only and mass a meta-trained run."""
-    return [m for m in METHODS if not (m == "oracle" and not world.has_checker)
-            and not (m in ("scorer_only", "mass") and not trained)]
+    return [m for m in METHODS + [WITH_TARGET] if not (m == "oracle" and not world.has_checker)
+            and not (m in ("scorer_only", "mass", WITH_TARGET) and not trained)]
 
 
 # ----------------------------------------------------------------------------- one target, every method
 
-def scored(model, tok, world, eta, target, pool, cfg):
-    """(prompts, answers, scorer weights, correct flags) of a generated pool, or None if nothing parsed.
+def scored(model, tok, world, eta, target, pool, cfg, with_target=False):
+    """(prompts, answers, scorer weights, correct flags) of a generated pool, or None if nothing is left to train on.
     Correct flags come from the world's checker (None without one)."""
-    valid, prompts, answers, consistent = training_pairs(world, pool, cfg.answer_with, tok)
+    valid, prompts, answers, consistent = training_pairs(world, pool, target, cfg.answer_with, tok, with_target)
     if not valid:
         return None
     x = example_features(model, tok, world, target, valid, prompts, answers, consistent)
@@ -87,9 +92,11 @@ def evaluate_target(model, tok, world, eta, psi, phi0, cfg, methods, target, ref
     mass_pool = sample(psi) if "mass" in methods else None
     base = scored(model, tok, world, eta, target, base_pool, cfg)
     trained = mass_pool and scored(model, tok, world, eta, target, mass_pool, cfg)
+    with_target = mass_pool and scored(model, tok, world, eta, target, mass_pool, cfg, with_target=True)
     ones = lambda s: None if s is None else (s[0], s[1], torch.ones_like(s[2]))
     data = {"no_adapt": None, "random_ttt": as_sft(tok, world, world.random_examples(rng, target, cfg.m)),
-            "self_uniform": ones(base), "scorer_only": base and base[:3], "mass": trained and trained[:3]}
+            "self_uniform": ones(base), "scorer_only": base and base[:3], "mass": trained and trained[:3],
+            WITH_TARGET: with_target and with_target[:3]}
     if "oracle" in methods:
         data["oracle"] = as_sft(tok, world, world.oracle_examples(rng, target, cfg.m))
     with torch.no_grad():
@@ -106,35 +113,32 @@ def evaluate_target(model, tok, world, eta, psi, phi0, cfg, methods, target, ref
         predicted = decode(model, [phi], cfg.lora_scale, tok, [world.answer_prompt(tok, target)], cfg.max_new,
                            stop=world.stop)[0]
         result[method] = (dnll, world.is_correct(predicted, answer))
-    return result, diagnostics(model, tok, world, phi0, cfg, target, T_batch, base_pool, mass_pool, base)
+    return result, diagnostics(model, tok, world, phi0, cfg, target, T_batch, base_pool, mass_pool, base, trained)
 
 
-def diagnostics(model, tok, world, phi0, cfg, target, T_batch, base_pool, mass_pool, base):
-    """What meta-training learned, on this target: pool quality, and how eta's weights rank examples.
-    Without a checker (real data): only the share of valid examples."""
+def diagnostics(model, tok, world, phi0, cfg, target, T_batch, base_pool, mass_pool, base, trained):
+    """What meta-training learned, on this target: the quality of the untrained (base_) and trained (mass_)
+    generator's samples, and how eta's weights rank examples. Without a checker (real data): the valid share only."""
     d = {}
-    for name, pool in (("base", base_pool), ("mass", mass_pool)):
+    for name, pool, kept in (("base", base_pool, base), ("mass", mass_pool, trained)):
         if pool is None:
             continue
-        valid = [e for e in pool if e["valid"]]
-        d[f"{name}_valid"] = len(valid) / len(pool)
         if not world.has_checker:
+            d[f"{name}_valid"] = sum(e["valid"] for e in pool) / len(pool)
             continue
-        truth = world.solve(target)
-        d[f"{name}_in_domain"] = sum(world.domain_of(e["problem"]) == world.domain_of(target)
-                                     for e in valid) / len(pool)
-        d[f"{name}_correct"] = sum(world.solve(e["problem"]) == e["answer"] for e in valid) / len(pool)
-        d[f"{name}_is_target"] = sum(e["problem"] == target for e in valid) / len(pool)
-        d[f"{name}_solves_target"] = float(any(e["problem"] == target and e["answer"] == truth for e in valid))
-    if base is not None and world.has_checker:
-        prompts, answers, w, correct = base
-        _, g = attribution(model, phi0, cfg.lora_scale, encode(tok, prompts, answers, model.device),
-                           torch.ones_like(w), T_batch, cfg.alpha, cfg.K, cfg.meta_grad, cfg.inner_clip or None)
-        d["auc_weights"] = auc(w.tolist(), correct)            # does eta rank correct above wrong examples?
-        hits = [ok and p == world.answer_prompt(tok, target) for p, ok in zip(prompts, correct)]
-        d["auc_weights_hits"] = auc(w.tolist(), hits)          # ... and right answers to T itself above the rest?
-        d["auc_attribution"] = auc((-g).tolist(), correct)     # does -g_i (helpfulness) rank them?
-        d["corr_weights_attribution"] = correlation(w.tolist(), (-g).tolist())
+        d.update({f"{name}_{k}": v for k, v in pool_quality(world, target, pool).items()})
+        d[f"{name}_in_domain"] = sum(e["valid"] and world.domain_of(e["problem"]) == world.domain_of(target)
+                                     for e in pool) / len(pool)
+        if kept is not None:   # useful: -g_i > 0 under uniform weights, a step on example i lowers L_out
+            _, g = attribution(model, phi0, cfg.lora_scale, encode(tok, kept[0], kept[1], model.device),
+                               torch.ones_like(kept[2]), T_batch, cfg.alpha, cfg.K, cfg.meta_grad,
+                               cfg.inner_clip or None)
+            d[f"{name}_useful"] = (g < 0).float().mean().item()
+            if name == "base":
+                w, correct = kept[2], kept[3]
+                d["auc_weights"] = auc(w.tolist(), correct)            # does eta rank correct above wrong examples?
+                d["auc_attribution"] = auc((-g).tolist(), correct)     # does -g_i (helpfulness) rank them?
+                d["corr_weights_attribution"] = correlation(w.tolist(), (-g).tolist())
     return d
 
 
@@ -165,10 +169,16 @@ def aggregate(per_target, domains, diags):
                       "by_domain": {d: summary([r[m] for r, dd in zip(per_target, domains) if dd == d])
                                     for d in sorted(set(domains), key=domains.index)},
                       "base_wrong": summary([r[m] for r in per_target if base_wrong(r)])}
-    return {"methods": methods,
-            "paired": {f"{a}_vs_{b}": paired(per_target, a, b, lambda r: True) for a, b in pairs},
-            "paired_base_wrong": {f"{a}_vs_{b}": paired(per_target, a, b, base_wrong) for a, b in pairs},
-            "learned": {k: float(torch.tensor([d[k] for d in diags if k in d]).nanmean()) for k in diags[0]}}
+    results = {"excludes_target": True,    # no pool in "methods" holds an example that is T itself
+               "methods": {m: v for m, v in methods.items() if m != WITH_TARGET},
+               "paired": {f"{a}_vs_{b}": paired(per_target, a, b, lambda r: True) for a, b in pairs},
+               "paired_base_wrong": {f"{a}_vs_{b}": paired(per_target, a, b, base_wrong) for a, b in pairs},
+               "learned": {k: float(torch.tensor([d[k] for d in diags if k in d]).nanmean())
+                           for k in sorted({k for d in diags for k in d})}}
+    if WITH_TARGET in methods:   # the self-verification comparison: what T itself in the pool adds to mass
+        results["with_target"] = {WITH_TARGET: methods[WITH_TARGET],
+                                  f"{WITH_TARGET}_vs_mass": paired(per_target, WITH_TARGET, "mass", lambda r: True)}
+    return results
 
 
 # ----------------------------------------------------------------------------- the whole evaluation
@@ -228,6 +238,11 @@ def print_tables(results):
             print(f"{d[:24]:24s}{cells[0]['n']:5d}" + "".join(f"{c[key]:+9.3f} ±{c[key + '_se']:5.3f}" for c in cells))
     for m, why in results["not_applicable"].items():
         print(f"{m}: n/a ({why})")
+    if "with_target" in results:
+        p = results["with_target"][f"{WITH_TARGET}_vs_mass"]
+        print(f"\nnot in the pools above: examples that are T itself. Letting them into mass's pool "
+              f"({WITH_TARGET} minus mass): dnll {p['dnll_diff']:+.3f} ± {p['dnll_diff_se']:.3f}, "
+              f"accuracy {p['acc_diff']:+.3f} ± {p['acc_diff_se']:.3f}")
     print("\npaired, A minus B on the same targets: dnll mean ± s.e. [median, sign-test p]; accuracy")
     for name, p in results["paired"].items():
         print(f"  {name:26s} {p['dnll_diff']:+.3f} ± {p['dnll_diff_se']:.3f} [{p['dnll_diff_median']:+.3f}, "

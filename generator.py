@@ -10,7 +10,7 @@ as a parameter override: the adapters are merged into the weights once per call,
 token runs alone against a KV cache (transformers' DynamicCache), as `generate` does.
 
 What the prompt says, what ends a sample and how a sample becomes a practice example (p_i, a_i) belong to the world
-(world.py): a toy construction `35+23=58`, or a worked real problem `Problem: ... Solution: ... \\boxed{5}`.
+(world.py): a toy worked problem `42+23+18=65+18=83`, or a worked real problem `Problem: ... Solution: ... \\boxed{5}`.
 
     python generator.py RUN_DIR    # samples practice problems from a saved base model (default runs/default)
 """

@@ -70,10 +70,12 @@ def reinforce_surrogate(logp, advantage):
     return -(advantage.detach() * logp).mean()
 
 
-def training_pairs(world, examples, answer_with, tok):
+def training_pairs(world, examples, target, answer_with, tok, with_target=False):
     """The valid examples as (prompts, answers) for the inner SFT; answers sampled or the base's greedy ones.
-    Also whether the base's greedy answer agrees with each trained-on answer (a scorer feature)."""
-    valid = [e for e in examples if e["valid"]]
+    Also whether the base's greedy answer agrees with each trained-on answer (a scorer feature).
+    An example whose problem is T itself is left out unless with_target: its answer is a guess at T's answer,
+    and training on it is self-verification, not learning from a practice problem (evaluate.py reports it apart)."""
+    valid = [e for e in examples if e["valid"] and (with_target or e["problem"] != target)]
     answers = [e["greedy"] if answer_with == "greedy" else e["answer"] for e in valid]
     consistent = [world.same_answer(e["greedy"], a) for e, a in zip(valid, answers)]
     return (valid, [world.answer_prompt(tok, e["problem"]) for e in valid],
@@ -82,7 +84,7 @@ def training_pairs(world, examples, answer_with, tok):
 
 def example_features(model, tok, world, target, valid, prompts, answers, consistent):
     """Step 2's inputs: scorer.features of the valid examples, given whether each p_i is T and each example as
-    the generator wrote it (the world says how: a toy construction `35+23=58` as `35+23=` and its value)."""
+    the generator wrote it (the world says how: a toy worked problem `42+23+18=65+18=83` as its work and its last value)."""
     is_target = [e["problem"] == target for e in valid]
     written = zip(*[world.as_written(e["line"], p, a) for e, p, a in zip(valid, prompts, answers)])
     return features(model, tok, world.answer_prompt(tok, target), prompts, answers, consistent, is_target,
@@ -100,7 +102,7 @@ def meta_step(model, tok, world, eta, psi, phi0, target, reference, cfg, gen, ru
     running: running means across targets, "improvement" (the reward baseline) and "g_norm"."""
     # step 1: synthesize m examples with the generator theta = base + psi
     examples = synthesize(model, psi, cfg.lora_scale, tok, world, target, cfg.m, cfg.temperature, cfg.max_new, gen)
-    valid, prompts, answers, consistent = training_pairs(world, examples, cfg.answer_with, tok)
+    valid, prompts, answers, consistent = training_pairs(world, examples, target, cfg.answer_with, tok)
     if not valid:
         return {"skipped": 1, "valid": 0.0}
     # step 2: score them
@@ -119,6 +121,8 @@ def meta_step(model, tok, world, eta, psi, phi0, target, reference, cfg, gen, ru
     # reward_norm "target" scales every target's g to norm 1; "running" keeps its size relative to a typical target's
     improvement = (L_before - L_after).item()
     g_reward = g / (attribution_scale(g, running["g_norm"], cfg.reward_norm) + 1e-8)
+    if cfg.reward == "contribution":   # -w_i g_i: what example i did in the update, so a distrusted one earns ~0
+        g_reward = w.detach() * g_reward
     reward = -g_reward + cfg.improvement_coef * (improvement - running["improvement"])
     advantage = reward - (-g_reward).mean()   # the attribution part minus its mean over the m samples
     logp = log_prob(model, psi, cfg.lora_scale, tok, world, target, [e["line"] for e in valid])  # (m,)
@@ -129,11 +133,21 @@ def meta_step(model, tok, world, eta, psi, phi0, target, reference, cfg, gen, ru
                "surrogate": surrogate.item(), "w_mean": w.mean().item(), "g_mean": g.mean().item(),
                "g_norm": g.norm().item()}
     if world.has_checker:   # diagnostics from the world's checker (the toy world); never used in training
+        metrics.update(pool_quality(world, target, examples))
         correct = [world.solve(e["problem"]) == a.strip() for e, a in zip(valid, answers)]
-        hits = [e["problem"] == target and ok for e, ok in zip(valid, correct)]
-        metrics.update(correct=sum(correct) / len(correct), hits=sum(hits) / len(examples),
-                       w_correct_minus_wrong=_gap(w.detach(), correct), w_hit_minus_other=_gap(w.detach(), hits))
+        metrics.update(useful=(g < 0).float().mean().item(), w_correct_minus_wrong=_gap(w.detach(), correct))
     return metrics
+
+
+def pool_quality(world, target, examples):
+    """What the generator wrote for T, by the world's checker (a diagnostic, never used in training): shares of the
+    m samples that are valid, right, T itself, and right with T's answer without being T (world.relation 'same')."""
+    valid = [e for e in examples if e["valid"]]
+    right = [e for e in valid if world.solve(e["problem"]) == e["answer"]]
+    share = lambda rows: len(rows) / len(examples)
+    return {"valid": share(valid), "correct": share(right),
+            "is_target": share([e for e in valid if e["problem"] == target]),
+            "same_answer": share([e for e in right if world.relation(e["problem"], target) == "same"])}
 
 
 def _gap(w, correct):

@@ -3,8 +3,8 @@ The two figures of a run, as PNG in the run folder (matplotlib is optional: with
 
   gains_by_domain.png   each method's change of the answer NLL and of accuracy against no_adapt, per domain and
                         overall, mean ± s.e. over the held-out targets (the paper's Figure 2, at toy scale)
-  meta_training.png     the meta-training curve from metrics.jsonl: post-update improvement, scorer weights,
-                        how they single out right answers to T, the generator's correct share and its hits
+  meta_training.png     the meta-training curve from metrics.jsonl: post-update improvement, scorer weights and
+                        how they separate right from wrong examples, what the generator writes, the useful share
 
     python plots.py runs/default     # redraws both from results.json and metrics.jsonl
 """
@@ -61,8 +61,9 @@ def meta_training(metrics_path, path):
     with open(metrics_path) as f:
         rows = [json.loads(line) for line in f if line.strip()]
     panels = [("improvement", "L_before - L_after (nats)"), ("w_mean", "mean scorer weight w"),
-              ("w_hit_minus_other", "w(right answer to T) - w(other)"), ("correct", "generator's correct share"),
-              ("hits", "share of right answers to T"), ("reward", "generator reward")]
+              ("w_correct_minus_wrong", "w(right example) - w(wrong)"), ("correct", "generator: right share"),
+              ("same_answer", "generator: right, T's answer, not T"), ("is_target", "generator: T itself (left out)"),
+              ("useful", "share of examples that help (g < 0)")]
     panels = [(k, label) for k, label in panels if any(k in r for r in rows)]   # a line of skipped steps has none
     if not panels:
         return None

@@ -2,18 +2,21 @@
 How much room is there for MASS? The change of the target answer's NLL after K inner steps on fixed example pools,
 with the toy world's checker standing in for a perfect scorer or a perfect generator. No meta-training: this
 measures ceilings, the numbers that say what eta and psi could at best achieve on a given base and inner loop.
+Every pool but own_with_target and own_target leaves out examples that are T itself, as the evaluation does.
 
-  own           the base's own constructions, as written, uniform weights (= self_uniform)
-  own_greedy    the same problems, answered greedily by the base (solving instead of constructing)
-  own_target    weight 2 on the own examples whose problem is T itself, 0 on the rest (the is-T feature's filter)
-  own_correct   the own examples whose answer the checker says is right (a perfect scorer's filter)
-  own_true      the own problems with the checker's true answers (a generator whose arithmetic is always right)
-  oracle        m true constructions near T (tasks.nearby: a perfect generator)
-  random        m random training problems with true answers (= random_ttt)
+  own              the base's worked problems, uniform weights (= self_uniform)
+  own_with_target  the same with the examples that are T itself left in (what self-verification adds)
+  own_target       weight 2 on the examples that are T itself, 0 on the rest (self-verification alone)
+  own_greedy       own's problems, answered greedily by the base in one go (solving instead of working)
+  own_correct      own's examples whose answer the checker says is right (a perfect scorer's filter)
+  own_same         own's right examples with T's answer (reorderings of T): a perfect scorer that knows what helps
+  own_true         own's problems with the checker's true answers (a generator whose arithmetic is always right)
+  oracle           m true related problems, never T (world.oracle_examples: a reordering of T and neighbours)
+  oracle_same      the reordering of T, m times, with its true answer
+  random           m random training problems with true answers (= random_ttt)
 
     python room.py --out runs/default                        # the demo's base and inner loop, 300 targets
     python room.py --out runs/default --alpha 0.05
-    python room.py --out runs/default --lora-modules q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj
 """
 import argparse
 import json
@@ -31,26 +34,35 @@ import config
 import tasks
 from generator import decode, synthesize
 from inner_loop import adapt, encode, init_lora, lora_targets
-from meta_step import outer_loss
+from meta_step import outer_loss, pool_quality
 from stats import mean_se, median
 
-POOLS = ["own", "own_greedy", "own_target", "own_correct", "own_true", "oracle", "random"]
+POOLS = ["own", "own_with_target", "own_target", "own_greedy", "own_correct", "own_same", "own_true", "oracle",
+         "oracle_same", "random"]
 
 
 def pools_for(model, tok, world, target, m, max_new, rng, gen):
-    """The pools of (problem, answer, weight) for one target (a pool may be empty). A filter keeps the whole pool
-    and gives weight 2 to what it keeps and 0 to the rest: the most a scorer with w = 2 sigma(s) can do."""
-    own = [e for e in synthesize(model, {}, 1.0, tok, world, target, m, 1.0, max_new, gen) if e["valid"]]
-    nearby = [tasks.nearby(target, rng) for _ in range(m)]
-    randoms = [tasks.sample_problem(rng, rng.choice(tasks.DOMAIN_NAMES)) for _ in range(m)]
+    """The base's own examples and the pools of (problem, answer, weight) for one target (a pool may be empty).
+    A filter keeps the whole pool and gives weight 2 to what it keeps and 0 to the rest: the most a scorer with
+    w = 2 sigma(s) can do."""
+    samples = synthesize(model, {}, 1.0, tok, world, target, m, 1.0, max_new, gen)
+    own = [e for e in samples if e["valid"]]
+    practice = [e for e in own if e["problem"] != target]
+    right = lambda e: tasks.solve(e["problem"]) == e["answer"]
     keep = lambda e, kept: (e["problem"], e["answer"], 2.0 * kept)
-    return {"own": [(e["problem"], e["answer"], 1.0) for e in own],
-            "own_greedy": [(e["problem"], e["greedy"], 1.0) for e in own],
-            "own_target": [keep(e, e["problem"] == target) for e in own],
-            "own_correct": [keep(e, tasks.solve(e["problem"]) == e["answer"]) for e in own],
-            "own_true": [(e["problem"], tasks.solve(e["problem"]), 1.0) for e in own if tasks.solve(e["problem"])],
-            "oracle": [(p, tasks.solve(p), 1.0) for p in nearby],
-            "random": [(p, a, 1.0) for p, a in randoms]}
+    same = tasks.problem_text(tasks.reordered(tasks.terms_of(target)))
+    randoms = [tasks.sample_problem(rng, rng.choice(tasks.DOMAIN_NAMES)) for _ in range(m)]
+    return samples, {
+        "own": [(e["problem"], e["answer"], 1.0) for e in practice],
+        "own_with_target": [(e["problem"], e["answer"], 1.0) for e in own],
+        "own_target": [keep(e, e["problem"] == target) for e in own],
+        "own_greedy": [(e["problem"], e["greedy"], 1.0) for e in practice],
+        "own_correct": [keep(e, right(e)) for e in practice],
+        "own_same": [keep(e, right(e) and tasks.relation(e["problem"], target) == "same") for e in practice],
+        "own_true": [(e["problem"], tasks.solve(e["problem"]), 1.0) for e in practice if tasks.solve(e["problem"])],
+        "oracle": [(p, a, 1.0) for p, a in world.oracle_examples(rng, target, m)],
+        "oracle_same": [(same, tasks.solve(same), 1.0)] * m,
+        "random": [(p, a, 1.0) for p, a in randoms]}
 
 
 def measure(args):
@@ -64,13 +76,11 @@ def measure(args):
         with torch.no_grad():
             L_before = outer_loss(model, phi0, scale, target_batch).item()
         row = {"domain": domain, "base_right": decode(model, [], scale, tok, [tasks.BOS + T], args.max_new)[0] == R}
-        pools = pools_for(model, tok, world, T, args.m, args.max_new, rng, gen)
-        own = [(p, a, tasks.solve(p) == a) for p, a, _ in pools["own"]]        # the base's pool, checked
-        row.update(own_correct_share=sum(ok for _, _, ok in own) / args.m,
-                   own_hit_share=sum(ok and p == T for p, _, ok in own) / args.m,
-                   own_has_hit=float(any(ok and p == T for p, _, ok in own)))
+        samples, pools = pools_for(model, tok, world, T, args.m, args.max_new, rng, gen)
+        row.update(pool_quality(world, T, samples))                             # the base's samples, checked
+        row["has_same"] = float(row["same_answer"] > 0)
         for name, pool in pools.items():
-            if not pool:    # nothing to train on: no update
+            if not pool or not any(w for _, _, w in pool):    # nothing to train on: no update
                 row[name], row[name + "_right"] = 0.0, row["base_right"]
                 continue
             batch = encode(tok, [tasks.BOS + p for p, _, _ in pool], [a + "\n" for _, a, _ in pool])
@@ -104,14 +114,14 @@ def table(rows):
             acc_cells.append(f"{acc:+9.3f} ±{acc_se:5.3f}")
         print(f"{k[:14]:14s}{len(sub):5d}" + "".join(dnll_cells))
         print(f"{'  accuracy':14s}{'':5s}" + "".join(acc_cells))
-    print("\nthe base and its own pool: greedy accuracy on T; share of its m examples that are right, and that are "
-          "T itself with the right answer (hits); share of targets with at least one hit")
-    print(f"{'targets':14s}{'n':>5s}{'base acc':>10s}{'correct':>10s}{'hits':>10s}{'has hit':>10s}")
+    print("\nthe base and its own samples: greedy accuracy on T; shares of its m samples that parse, are right, are "
+          "T itself, are right with T's answer without being T (same); share of targets with a 'same'")
+    keys = ("base_right", "valid", "correct", "is_target", "same_answer", "has_same")
+    print(f"{'targets':14s}{'n':>5s}" + "".join(f"{k:>12s}" for k in ("base acc", *keys[1:])))
     for k, sub in subsets.items():
-        shares = [mean_se([float(r[key]) for r in sub])[0] for key in
-                  ("base_right", "own_correct_share", "own_hit_share", "own_has_hit")]
-        quality[k] = dict(zip(("base_acc", "correct", "hits", "has_hit"), shares))
-        print(f"{k[:14]:14s}{len(sub):5d}" + "".join(f"{s:10.3f}" for s in shares))
+        shares = [mean_se([float(r[key]) for r in sub])[0] for key in keys]
+        quality[k] = dict(zip(("base_acc", *keys[1:]), shares))
+        print(f"{k[:14]:14s}{len(sub):5d}" + "".join(f"{s:12.3f}" for s in shares))
     return out, quality
 
 

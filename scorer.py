@@ -8,9 +8,10 @@ Weights can fall to 0: the scorer can filter an example out, or all of them, whi
 Features of example i, all from the frozen base model (never from the toy world's checker):
   - the model's confidence in a_i: mean and minimum token log-probability of a_i given p_i,
   - its confidence in the example as written: mean and minimum log-probability of what follows the last '=' of a
-    construction (`35+23=58`: the forward arithmetic, 58 given 35+23); for real data, the same as the first two,
+    worked problem (`42+23+18=65+18=83`: the last step, 83 given the rest); for real data, the same as the first two,
   - self-consistency: does the base's greedy answer to p_i equal a_i,
-  - p_i is T itself: the generator wrote T's own equation, so a_i is a candidate answer to T,
+  - p_i is T itself: a_i is a candidate answer to T (such examples are left out of the pools, meta_step.py, except
+    in the evaluation's with-T comparison, so this is -1 almost everywhere),
   - closeness to the target: cosine of the pooled hidden states of T and of the example, and the two pooled
     representations themselves (unit length), so the scorer can learn which kinds of problems help which targets,
   - answer length (log of its token count),
@@ -71,7 +72,7 @@ def features(model, tok, target_prompt, prompts, answers, consistent, is_target,
     """(m, N_SCALARS + 2d) features of the examples (p_i, a_i) for target T, from the frozen base.
     prompts, answers: the examples as trained on (a_i ends with its end mark); target_prompt: T as it is answered;
     consistent: does the base's greedy answer to p_i agree with a_i; is_target: is p_i the text of T;
-    written: (prompts, answers) of each example as the generator wrote it (its construction)."""
+    written: (prompts, answers) of each example as the generator wrote it (its worked form)."""
     mean_logp, min_logp, n_tokens = answer_logp(model, tok, prompts, answers)
     written_mean, written_min, _ = answer_logp(model, tok, *written)
     as_sign = lambda flags: 2 * torch.tensor(flags, dtype=torch.float32, device=model.device) - 1   # True 1, False -1

@@ -1,105 +1,98 @@
 """
-The embedded toy math world (the stand-in for MATH): problems, constructions, a checker, and `ToyWorld`, the world
-interface of world.py for it.
+The embedded toy math world (the stand-in for MATH): two-step problems, worked practice problems, a checker, the
+base model's pretraining text, and `ToyWorld`, the world interface of world.py for it.
 
-Every toy problem asks for the unknown x of an equation: `x+23=58;x=` -> `35`. Its *construction* is the same
-equation solved forward, with x's value written in: `35+23=58`. Solving needs the inverse operation (58 - 23);
-constructing needs only the forward one (35 + 23), which the base model may do more reliably (room.py measures it,
-per domain). This is the asymmetry that self-synthesis exploits: the generator writes constructions (it picks an x
-near what T's x looks like and computes forward), each one a solved practice problem whose answer is right whenever
-its forward arithmetic is, and a construction whose equation is T itself is a candidate answer to T.
+A toy problem is a two-step computation answered in one go: `23+42+18=` -> `83`. The model has no scratchpad
+when it answers, so it must do both steps in its head. A *practice problem* is written worked, each step visible:
+`42+23+18=65+18=83`. Writing it needs one step at a time with the numbers in view; the model trains on the problem
+and its final answer (`42+23+18=` -> `83`) and then answers T. This is the asymmetry that self-synthesis
+exploits, the step-by-step way of a pretrained LLM's worked examples: writing a worked related problem right is
+easier than solving T in one go, and what the model learns from it carries over to T. How much carries over is
+measured, not assumed (room.py).
 
-Five domains, a*x=c, a*x+b=c, x-b=c, x+b=c and a triangle's third angle, each with a seeded sampler,
-`nearby_constructions()` (what a perfect generator writes) and a checker that solves ANY well-formed problem, so
+Practice problems related to T come in three kinds, in the pretraining blocks `@T` that teach the base to write them:
+  same     T reordered (`42+23+18=` for T = `23+42+18=`): another problem with T's answer
+  nearby   one number of T moved by 1 to 3 (`23+42+20=`): a neighbour, with another answer
+  target   T itself, worked: a candidate answer to T (self-verification, not a practice problem; the evaluation
+           reports it apart, as a comparison)
+
+Five domains: a+b+c, a+b-c, a-b+c, a*b+c, a*b-c, each with a seeded sampler; a checker solves any problem, so
 synthetic examples can be checked for diagnostics. The checker never feeds training.
 
-    python tasks.py        # prints a few problems and constructions of each domain
+    python tasks.py        # prints a problem of each domain and a pretraining block
 """
 import random
 import re
 import zlib
 
 BOS = "\n"           # every sequence starts on a fresh line
-TARGET_MARK = "@"    # '@T' opens a block of practice constructions written for target T
+TARGET_MARK = "@"    # '@T' opens a block of worked practice problems written for target T
 
 # ----------------------------------------------------------------------------- the domains
-# Each domain: the left-hand side with named slots ({x} is the unknown), its value f(x, params) (increasing or
-# decreasing in x, so x is unique), and a sampler of x and the parameters in the "pretraining range".
+# A problem's terms (a, op1, b, op2, c), computed left to right: (a op1 b) op2 c. Each domain samples them in the
+# "pretraining range"; every step's result is at least 0.
 
-DOMAINS = {  # name: (left-hand side, value, sampler)
-    "multiplication": ("{a}*{x}", lambda a, x: a * x,                 # solving needs a division
-                       lambda r: dict(a=r.randint(2, 9), x=r.randint(10, 99))),
-    "linear": ("{a}*{x}+{b}", lambda a, x, b: a * x + b,              # a subtraction, then a division
-               lambda r: dict(a=r.randint(2, 9), x=r.randint(10, 99), b=r.randint(10, 99))),
-    "subtraction": ("{x}-{b}", lambda x, b: x - b,                    # solving needs an addition
-                    lambda r: (lambda b: dict(x=r.randint(b + 10, 99), b=b))(r.randint(10, 59))),
-    "addition": ("{x}+{b}", lambda x, b: x + b,                       # solving needs a subtraction
-                 lambda r: dict(x=r.randint(10, 59), b=r.randint(10, 39))),
-    "angles": ("tri({a},{x})", lambda a, x: 180 - a - x,              # the third angle of a triangle
-               lambda r: (lambda a: dict(a=a, x=r.randint(20, 150 - a)))(r.randint(20, 99))),
+OPS = {"+": lambda x, y: x + y, "-": lambda x, y: x - y, "*": lambda x, y: x * y}
+DOMAINS = {
+    "add_add": lambda r: (r.randint(10, 49), "+", r.randint(10, 49), "+", r.randint(10, 49)),
+    "add_sub": lambda r: (lambda a, b: (a, "+", b, "-", r.randint(10, min(99, a + b - 10))))(
+        r.randint(10, 59), r.randint(10, 59)),
+    "sub_add": lambda r: (lambda a: (a, "-", r.randint(10, a - 10), "+", r.randint(10, 59)))(r.randint(30, 99)),
+    "mul_add": lambda r: (r.randint(10, 49), "*", r.randint(2, 9), "+", r.randint(10, 99)),
+    "mul_sub": lambda r: (lambda a, b: (a, "*", b, "-", r.randint(10, min(99, a * b - 10))))(
+        r.randint(10, 49), r.randint(2, 9)),
 }
 DOMAIN_NAMES = list(DOMAINS)
-X_RANGE = range(1, 1000)   # where the checker looks for x
+_DOMAIN_OF_OPS = {("+", "+"): "add_add", ("+", "-"): "add_sub", ("-", "+"): "sub_add", ("*", "+"): "mul_add",
+                  ("*", "-"): "mul_sub"}
+_PROBLEM = re.compile(r"(\d+)([-+*])(\d+)([-+*])(\d+)=")                  # 23+42+18=
+_WORKED = re.compile(r"(\d+[-+*]\d+[-+*]\d+=)\d+[-+*]\d+=(\d+)")          # 42+23+18=65+18=83
 
 
-def _pattern(lhs, unknown):
-    """A regex for `lhs=value` with every slot a number, except {x} written as `unknown` (None: a number too)."""
-    regex = re.escape(lhs).replace(r"\{", "{").replace(r"\}", "}")
-    for name in re.findall(r"{(\w+)}", lhs):
-        slot = re.escape(unknown) if name == "x" and unknown else rf"(?P<{name}>\d+)"
-        regex = regex.replace(f"{{{name}}}", slot)
-    return re.compile(regex + r"=(?P<value>\d+)")
+def first_step(terms):
+    a, op1, b, _, _ = terms
+    return OPS[op1](a, b)
 
 
-_PROBLEMS = {d: _pattern(lhs, "x") for d, (lhs, _, _) in DOMAINS.items()}          # x+23=58
-_CONSTRUCTIONS = {d: _pattern(lhs, None) for d, (lhs, _, _) in DOMAINS.items()}    # 35+23=58
+def value(terms):
+    return OPS[terms[3]](first_step(terms), terms[4])
 
 
-def problem_text(domain, params, value):
-    """`x+23=58;x=`: the equation with x unknown, then the question."""
-    return DOMAINS[domain][0].format(**{**params, "x": "x"}) + f"={value};x="
+def problem_text(terms):
+    """`23+42+18=`: the problem, answered in one go."""
+    return "".join(map(str, terms)) + "="
 
 
-def construction(domain, x, params):
-    """`35+23=58`: the equation solved forward, x written in, its value computed."""
-    lhs, f, _ = DOMAINS[domain]
-    return lhs.format(**{**params, "x": x}) + f"={f(x=x, **params)}"
+def worked(terms):
+    """`23+42+18=65+18=83`: the problem worked step by step, as a practice problem is written."""
+    return f"{problem_text(terms)}{first_step(terms)}{terms[3]}{terms[4]}={value(terms)}"
+
+
+def terms_of(problem):
+    """The terms of a well-formed problem text, else None."""
+    match = _PROBLEM.fullmatch(problem)
+    return match and (int(match[1]), match[2], int(match[3]), match[4], int(match[5]))
 
 
 def domain_of(problem):
-    """The domain whose syntax `problem` follows, or None (a malformed problem)."""
-    for d, pattern in _PROBLEMS.items():
-        if problem.endswith(";x=") and pattern.fullmatch(problem[:-3]):
-            return d
-    return None
-
-
-def _fields(problem):
-    """(domain, params, value) of a well-formed problem; raises on a malformed one."""
-    d = domain_of(problem)
-    fields = {k: int(v) for k, v in _PROBLEMS[d].fullmatch(problem[:-3]).groupdict().items()}
-    return d, {k: v for k, v in fields.items() if k != "value"}, fields["value"]
+    """The domain whose operations `problem` has, or None (a malformed problem)."""
+    terms = terms_of(problem)
+    return terms and _DOMAIN_OF_OPS.get((terms[1], terms[3]))
 
 
 def solve(problem):
-    """The true answer (x) of any well-formed problem text, as a string; None if malformed or unsolvable."""
-    if domain_of(problem) is None:
+    """The true answer of any well-formed problem text, as a string; None if malformed or negative on the way."""
+    terms = terms_of(problem)
+    if terms is None or first_step(terms) < 0 or value(terms) < 0:
         return None
-    d, params, value = _fields(problem)
-    f = DOMAINS[d][1]
-    return next((str(x) for x in X_RANGE if f(x=x, **params) == value), None)
+    return str(value(terms))
 
 
-def from_construction(line):
-    """The practice example (problem, answer) that a construction line `35+23=58` states: (`x+23=58;x=`, `35`);
-    None when the line is no construction. The answer is right exactly when the line's arithmetic is."""
-    for d, pattern in _CONSTRUCTIONS.items():
-        match = pattern.fullmatch(line)
-        if match:
-            fields = {k: int(v) for k, v in match.groupdict().items()}
-            x, value = fields.pop("x"), fields.pop("value")
-            return problem_text(d, fields, value), str(x)
-    return None
+def from_worked(line):
+    """The practice example (problem, answer) that a worked line `42+23+18=65+18=83` states: (`42+23+18=`, `83`);
+    None when the line is not a worked problem. Its answer is the line's last number, right or wrong."""
+    match = _WORKED.fullmatch(line)
+    return match and (match[1], match[2])
 
 
 def is_heldout(problem):
@@ -107,33 +100,66 @@ def is_heldout(problem):
     return zlib.crc32(problem.encode()) % 5 == 0
 
 
+def sample_terms(rng, domain, split="train"):
+    while True:
+        terms = DOMAINS[domain](rng)
+        if is_heldout(problem_text(terms)) == (split == "heldout"):
+            return terms
+
+
 def sample_problem(rng, domain, split="train"):
     """A (problem, answer) pair of `domain` from `split` ('train' or 'heldout'); the two are disjoint."""
-    lhs, f, sampler = DOMAINS[domain]
+    terms = sample_terms(rng, domain, split)
+    return problem_text(terms), str(value(terms))
+
+
+# ----------------------------------------------------------------------------- practice problems related to T
+
+KINDS = ["same", "nearby", "target"]
+PRETRAINING_KIND_ODDS = [0.4, 0.4, 0.2]      # what the base learns to write: the generator has a choice to learn
+
+
+def reordered(terms):
+    """T with the same answer, written otherwise: the first two numbers swapped (a-b+c becomes a+c-b, a+a+c 2*a+c)."""
+    a, op1, b, op2, c = terms
+    if op1 == "-":
+        return a, "+", c, "-", b
+    return (b, op1, a, op2, c) if a != b else (2, "*", a, op2, c)
+
+
+def moved(terms, rng):
+    """T with one of its numbers moved by 1 to 3 (a neighbour: another problem, another answer)."""
     while True:
-        params = sampler(rng)
-        x = params.pop("x")
-        problem = problem_text(domain, params, f(x=x, **params))
-        if is_heldout(problem) == (split == "heldout"):
-            return problem, str(x)
+        new = list(terms)
+        i = rng.choice([0, 2, 4])
+        new[i] += rng.choice([-3, -2, -1, 1, 2, 3])
+        if min(new[0], new[2], new[4]) >= 1 and solve(problem_text(new)) is not None:
+            return tuple(new)
 
 
-def nearby_constructions(problem, rng, n, spread=3):
-    """n constructions of T's equation with x moved by at most `spread` from T's true x (0 included: T itself),
-    the values computed exactly: what a perfect generator writes for T, and the pretraining blocks' lines."""
-    d, params, _ = _fields(problem)
-    x, f = int(solve(problem)), DOMAINS[d][1]
-    lines = []
-    while len(lines) < n:
-        x_new = x + rng.randint(-spread, spread)
-        if x_new >= 1 and f(x=x_new, **params) >= 1:
-            lines.append(construction(d, x_new, params))
-    return lines
+def related(terms, kind, rng):
+    return {"same": lambda: reordered(terms), "nearby": lambda: moved(terms, rng), "target": lambda: terms}[kind]()
 
 
-def nearby(problem, rng, spread=3):
-    """A solvable problem of the same equation whose x differs from T's by at most `spread` (possibly T itself)."""
-    return from_construction(nearby_constructions(problem, rng, 1, spread)[0])[0]
+def relation(problem, target):
+    """How a practice problem relates to T: 'target' (T itself), 'same' (another problem with T's answer),
+    'other' (anything else, a neighbour included), None if malformed."""
+    if solve(problem) is None:
+        return None
+    return "target" if problem == target else "same" if solve(problem) == solve(target) else "other"
+
+
+def pretraining_item(rng, block_share):
+    """A block (probability block_share): `@T` and four worked problems related to T, of kinds drawn with
+    PRETRAINING_KIND_ODDS; else a problem with its answer (60%) or a one-step problem with its answer (40%)."""
+    terms = sample_terms(rng, rng.choice(DOMAIN_NAMES))
+    if rng.random() < block_share:
+        kinds = rng.choices(KINDS, weights=PRETRAINING_KIND_ODDS, k=4)
+        return f"{TARGET_MARK}{problem_text(terms)}\n" + "".join(worked(related(terms, k, rng)) + "\n" for k in kinds)
+    if rng.random() < 0.6:
+        return f"{problem_text(terms)}{value(terms)}\n"
+    a, op1, b = terms[:3]
+    return f"{a}{op1}{b}={first_step(terms)}\n"
 
 
 def heldout_targets(n, seed):
@@ -161,8 +187,8 @@ def train_targets(rng):
 # ----------------------------------------------------------------------------- the toy world, as a world (world.py)
 
 class ToyWorld:
-    """The toy world behind the interface in world.py: one-line problems and constructions, a newline ends every
-    text, answers are graded by exact match, and the checker above solves any problem."""
+    """The toy world behind the interface in world.py: one-line problems and worked practice problems, a newline
+    ends every text, answers are graded by exact match, and the checker above solves any problem."""
     stop = "\n"
     has_checker = True
 
@@ -176,14 +202,14 @@ class ToyWorld:
         return [(d, t, a, a) for d, t, a in heldout_targets(self.n_heldout, seed=self.seed + 1000)]
 
     def practice_prompt(self, tok, target):
-        return f"{BOS}{TARGET_MARK}{target}\n"        # `@T` on a fresh line opens a block of constructions
+        return f"{BOS}{TARGET_MARK}{target}\n"        # `@T` on a fresh line opens a block of worked problems
 
     def parse(self, text):
-        return from_construction(text)               # `35+23=58` -> (`x+23=58;x=`, `35`)
+        return from_worked(text)                     # `42+23+18=65+18=83` -> (`42+23+18=`, `83`)
 
     def as_written(self, text, prompt, answer):
-        lhs, _, value = text.rpartition("=")         # `35+23=58` as the prompt `35+23=` and its value `58`
-        return BOS + lhs + "=", value + "\n"
+        work, _, value = text.rpartition("=")        # the last step as written: `42+23+18=65+18=` and `83`
+        return BOS + work + "=", value + "\n"
 
     def answer_prompt(self, tok, problem):
         return BOS + problem
@@ -206,13 +232,19 @@ class ToyWorld:
     def domain_of(self, problem):
         return domain_of(problem)
 
+    def relation(self, problem, target):
+        return relation(problem, target)
+
     def oracle_examples(self, rng, target, m):
-        nearby_problems = [nearby(target, rng) for _ in range(m)]
-        return [(p, solve(p)) for p in nearby_problems]
+        """m true practice problems related to T, never T itself: its reordering and neighbours, half each."""
+        terms = terms_of(target)
+        problems = [problem_text(reordered(terms) if i % 2 == 0 else moved(terms, rng)) for i in range(m)]
+        return [(p, solve(p)) for p in problems]
 
 
 if __name__ == "__main__":
     rng = random.Random(0)
     for d in DOMAIN_NAMES:
         p, a = sample_problem(rng, d)
-        print(f"{d:15s} {p}{a:5s} constructions: {'  '.join(nearby_constructions(p, rng, 3))}")
+        print(f"{d:8s} {p}{a:5s} worked: {worked(terms_of(p))}   reordered: {worked(reordered(terms_of(p)))}")
+    print("a pretraining block:\n" + pretraining_item(rng, block_share=1.0))

@@ -15,6 +15,7 @@ from transformers.models.llama import modeling_llama
 
 import base_model
 import generator
+import room
 import tasks
 from inner_loop import adapt, encode, forward, init_lora, inner_loss, lora_targets
 from meta_step import attribution, example_features, outer_loss, reinforce_surrogate, training_pairs
@@ -167,17 +168,19 @@ def test_meta_gradient_reaches_scorer(model, tok):
     assert eta.net[-1].weight.grad.abs().sum() > 0
 
 
-def test_features_of_constructions(model, tok):
-    target = "7*x=84;x="
-    lines = ["7*12=84", "7*11=77", "7*13=90"]               # T itself, right; another, right; another, wrong
-    examples = [{"line": line, "valid": True, "problem": p, "answer": a, "greedy": "12"}
+def test_features_of_worked_problems(model, tok):
+    target = "12+30+5="
+    lines = ["30+12+5=42+5=47", "12+30+5=42+5=47", "12+31+5=43+5=49", "30+12+5=42+5=48"]   # same; T; near; wrong
+    examples = [{"line": line, "valid": True, "problem": p, "answer": a, "greedy": "47"}
                 for line, (p, a) in zip(lines, map(TOY.parse, lines))]
-    valid, prompts, answers, consistent = training_pairs(TOY, examples, "sample", tok)
+    valid, prompts, answers, consistent = training_pairs(TOY, examples, target, "sample", tok)
+    assert [e["line"] for e in valid] == [lines[0], lines[2], lines[3]]      # T itself is left out of the pool
+    assert training_pairs(TOY, examples, target, "sample", tok, with_target=True)[0] == examples
     x = example_features(model, tok, TOY, target, valid, prompts, answers, consistent)
     assert x.shape == (3, N_SCALARS + 2 * 32)
-    assert x[:, 4].tolist() == [1, -1, -1] and x[:, 5].tolist() == [1, -1, -1]   # consistent with greedy; is T
-    # the written construction's confidence is the base's log-prob of the value after '=' given the rest
-    batch = encode(tok, ["\n7*13="], ["90\n"])
+    assert x[:, 4].tolist() == [1, -1, -1] and x[:, 5].tolist() == [-1, -1, -1]   # consistent with greedy; is T
+    # the written problem's confidence is the base's log-prob of its last step's value, given the worked line
+    batch = encode(tok, ["\n30+12+5=42+5="], ["48\n"])
     logp = -torch.nn.functional.cross_entropy(model(input_ids=batch["ids"]).logits[0, :-1], batch["ids"][0, 1:],
                                               reduction="none")[-3:].mean()
     assert x[2, 2].item() == pytest.approx(max(logp.item(), -10) / 2, abs=1e-5)
@@ -247,6 +250,6 @@ def test_room_measures_every_pool(tmp_path, tok):
                     "--m", "2", "--K", "1", "--alpha", "0.03", "--inner-clip", "0", "--max-new", "4"], check=True, cwd=HERE,
                    capture_output=True)
     pools = json.loads((tmp_path / "room_a0.03_K1_c0.0.json").read_text())["pools"]
-    assert set(pools) == {"own", "own_greedy", "own_target", "own_correct", "own_true", "oracle", "random"}
+    assert set(pools) == set(room.POOLS) >= {"own", "own_with_target", "own_correct", "oracle", "random"}
     assert all(pools[p]["all"]["n"] == 6 and pools[p]["all"]["dnll"] == pools[p]["all"]["dnll"] for p in pools)
     assert pools["oracle"]["all"]["dnll"] != 0.0     # true examples were trained on: the target's NLL moved

@@ -171,7 +171,7 @@ def test_chat_prompt_has_one_bos_and_plain_prompt_without_template():
 def test_natural_sft_example_trains_on_its_solution_and_eos(hf_models):
     model, tok = base_model.load(hf_models["llama"])
     example = {"valid": True, "problem": "What is 1+2?", "answer": "1+2=3, so \\boxed{3}.", "greedy": "It is \\boxed{3.0}"}
-    valid, prompts, answers, consistent = training_pairs(MathWorld(None, None, 1), [example], "sample", tok)
+    valid, prompts, answers, consistent = training_pairs(MathWorld(None, None, 1), [example], "T", "sample", tok)
     assert prompts == ["<|user|>\n" + math_data.SOLVE.format(problem="What is 1+2?") + "<eos>\n<|assistant|>\n"]
     assert consistent == [True]                              # the greedy final answer 3.0 agrees with 3
     batch = encode(tok, prompts, answers)

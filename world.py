@@ -2,7 +2,7 @@
 A world: everything that differs between the embedded toy math world and real math data, behind one interface.
 
 The method files (generator, scorer, inner loop, meta-step, evaluation) take a world as an argument and never ask
-which one it is. Two implementations: `tasks.ToyWorld` (equations to solve for x, with a checker) and
+which one it is. Two implementations: `tasks.ToyWorld` (two-step problems and worked practice problems, with a checker) and
 `math_data.MathWorld` (MATH / GSM8K JSONL, worked solutions). `config.make_world` picks one from the settings.
 Adding a world means writing one class with these methods; no method file changes.
 
@@ -62,5 +62,9 @@ class World(Protocol):
     def domain_of(self, problem: str) -> Optional[str]:
         """The domain of any problem, None when it is malformed."""
 
+    def relation(self, problem: str, target: str) -> Optional[str]:
+        """How a practice problem relates to T: 'target' (T itself), 'same' (another problem with T's answer),
+        'other'; None when it is malformed."""
+
     def oracle_examples(self, rng: random.Random, target: str, m: int) -> list[Example]:
-        """m true examples near T: what a perfect generator writes."""
+        """m true examples related to T, never T itself: what a perfect generator writes."""
