@@ -62,7 +62,7 @@ class Config:
     max_new: int = arg(24, "most tokens per generated example")
     answer_with: str = arg("sample", "answers to train on: sample (as generated) | greedy (the base re-answers p_i)")
     K: int = arg(8, "inner SGD steps (step 3)")
-    alpha: float = arg(0.2, "inner learning rate")
+    alpha: float = arg(0.05, "inner learning rate")
     inner_clip: float = arg(0.5, "clip each inner step's gradient norm to this, a guard against wrecking updates (0: off)")
     lora_rank: int = arg(4, "rank of the inner adapter phi and the generator adapter psi")
     lora_alpha: float = arg(4.0, "LoRA scale numerator: the update is (lora_alpha / lora_rank) B A")
@@ -73,8 +73,8 @@ class Config:
     meta_steps: int = arg(150, "meta-training steps (each one Adam step of eta and psi)")
     meta_batch: int = arg(8, "targets per meta-step")
     eta_lr: float = arg(0.01, "Adam learning rate of the scorer eta")
-    psi_lr: float = arg(1e-4, "Adam learning rate of the generator adapter psi (REINFORCE)")
-    reward: str = arg("attribution", "the generator's per-example reward: attribution (-g_i) | contribution (-w_i g_i, "
+    psi_lr: float = arg(1e-3, "Adam learning rate of the generator adapter psi (REINFORCE)")
+    reward: str = arg("contribution", "the generator's per-example reward: attribution (-g_i) | contribution (-w_i g_i, "
                                      "what example i did in the weighted update)")
     improvement_coef: float = arg(1.0, "weight of the post-update improvement in the generator's reward")
     reward_norm: str = arg("target", "divide each target's dL_out/dw, for the generator's reward, by: target (its "
@@ -97,8 +97,8 @@ class Config:
 
 PRESETS = {
     "default": {},
-    "tiny": dict(hidden=48, layers=2, heads=2, intermediate=96, pretrain_steps=300, pretrain_batch=16, m=4, K=2,
-                 max_new=16, meta_steps=4, meta_batch=2, log_every=2, eval_targets=12),
+    "tiny": dict(hidden=48, layers=2, heads=2, intermediate=96, pretrain_steps=500, pretrain_batch=16, m=4, K=2,
+                 meta_steps=4, meta_batch=2, log_every=2, eval_targets=12),
     "full": dict(pretrain_steps=6000, meta_steps=400, eval_targets=600),
 }
 

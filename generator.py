@@ -15,6 +15,7 @@ What the prompt says, what ends a sample and how a sample becomes a practice exa
     python generator.py RUN_DIR    # samples practice problems from a saved base model (default runs/default)
 """
 import inspect
+import json
 import os
 import sys
 
@@ -100,20 +101,35 @@ def log_prob(model, psi, scale, tok, world, target, lines):
     return -answer_nll(model, [psi], scale, batch)
 
 
+def mark(world, target, e):
+    """A sample as the toy world's checker sees it: 'x' wrong or unparsed; else its relation to T (same: T's answer)."""
+    if not e["valid"] or world.solve(e["problem"]) != e["answer"]:
+        return "x"
+    return world.relation(e["problem"], target)
+
+
 if __name__ == "__main__":
     import base_model
     import tasks
     run = (sys.argv[1:] or ["runs/default"])[0]
     try:   # a missing or unusable base: one line, no traceback
         base_model.check(os.path.join(run, "base"), "auto", 1, option="RUN_DIR")
-    except (ValueError, OSError) as e:
+        psi_path, config_path = os.path.join(run, "psi.pt"), os.path.join(run, "config.json")
+        psi = torch.load(psi_path, weights_only=True) if os.path.exists(psi_path) else None
+        settings = json.load(open(config_path)) if os.path.exists(config_path) else {}
+        scale = settings.get("lora_alpha", 4.0) / settings.get("lora_rank", 4)
+    except Exception as e:
         import config
         config.refuse("generator.py", e)
-    world = tasks.ToyWorld(n_heldout=6, seed=0)
+    world = tasks.ToyWorld(n_heldout=5, seed=0)
     model, tok = base_model.load(os.path.join(run, "base"))
-    gen = torch.Generator().manual_seed(0)
+    print("samples for held-out targets, as the checker marks them: same (right, T's answer), other (right), "
+          "target (T itself, right), x (wrong)\n" + ("untrained generator (the base), then the trained one (base + psi)"
+                                                      if psi is not None else "the untrained generator (no psi.pt)"))
     for domain, problem, _, answer in world.heldout():
-        examples = synthesize(model, {}, 1.0, tok, world, problem, 4, 1.0, 24, gen)
-        shown = [f"{e['line']} ({'ok' if e['valid'] and world.solve(e['problem']) == e['answer'] else 'x'})"
-                 for e in examples]
-        print(f"{problem:18s} -> " + "  ".join(shown))
+        print(f"\n{problem}{answer}")
+        for name, adapter in (("base", {}), ("trained", psi)):
+            if adapter is not None:
+                examples = synthesize(model, adapter, scale, tok, world, problem, 6, 1.0, 24,
+                                      torch.Generator().manual_seed(0))
+                print(f"  {name:8s}" + "  ".join(f"{e['line']} ({mark(world, problem, e)})" for e in examples))

@@ -84,7 +84,8 @@ def training_pairs(world, examples, target, answer_with, tok, with_target=False)
 
 def example_features(model, tok, world, target, valid, prompts, answers, consistent):
     """Step 2's inputs: scorer.features of the valid examples, given whether each p_i is T and each example as
-    the generator wrote it (the world says how: a toy worked problem `42+23+18=65+18=83` as its work and its last value)."""
+    the generator wrote it (the world says how: a toy worked problem `42+23+18=65+18=83` as its work and its last
+    value)."""
     is_target = [e["problem"] == target for e in valid]
     written = zip(*[world.as_written(e["line"], p, a) for e, p, a in zip(valid, prompts, answers)])
     return features(model, tok, world.answer_prompt(tok, target), prompts, answers, consistent, is_target,

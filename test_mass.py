@@ -231,6 +231,8 @@ def test_train_tiny_end_to_end(tmp_path):
         assert (out / f).exists(), f
     results = json.loads((out / "results.json").read_text())
     assert set(results["methods"]) == {"no_adapt", "random_ttt", "self_uniform", "scorer_only", "mass", "oracle"}
+    assert results["excludes_target"] is True and set(results["with_target"]) == {"mass_with_target",
+                                                                                    "mass_with_target_vs_mass"}
     assert results["methods"]["no_adapt"]["overall"]["dnll"] == 0.0
     assert results["methods"]["oracle"]["overall"]["n"] == 12
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

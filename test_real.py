@@ -195,8 +195,9 @@ def test_train_real_model_end_to_end(arch, hf_models, math_jsonl, tmp_path):
 
 def test_train_real_model_with_valid_examples(hf_models, math_jsonl, tmp_path, monkeypatch):
     """A random model writes no valid worked example, so decoding is replaced by one canned reply: the meta-step
-    then runs on natural-language examples, and grading counts exactly the one target whose answer is 3."""
-    reply = "Problem: What is $1+2$?\nSolution: $1+2=3$, so $\\boxed{3}$."
+    then runs on natural-language examples, and grading counts exactly the one target whose answer is 3.
+    (Its problem is no target's: an example that is T itself would be left out of the pool.)"""
+    reply = "Problem: What is $2+1$?\nSolution: $2+1=3$, so $\\boxed{3}$."
     canned = lambda model, adapters, scale, tok, prompts, *args, **kwargs: [reply] * len(prompts)
     monkeypatch.setattr(generator, "decode", canned)
     monkeypatch.setattr(evaluate, "decode", canned)

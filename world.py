@@ -2,9 +2,9 @@
 A world: everything that differs between the embedded toy math world and real math data, behind one interface.
 
 The method files (generator, scorer, inner loop, meta-step, evaluation) take a world as an argument and never ask
-which one it is. Two implementations: `tasks.ToyWorld` (two-step problems and worked practice problems, with a checker) and
-`math_data.MathWorld` (MATH / GSM8K JSONL, worked solutions). `config.make_world` picks one from the settings.
-Adding a world means writing one class with these methods; no method file changes.
+which one it is. Two implementations: `tasks.ToyWorld` (two-step problems and worked practice problems, with a
+checker) and `math_data.MathWorld` (MATH / GSM8K JSONL, worked solutions). `config.make_world` picks one from the
+settings. Adding a world means writing one class with these methods; no method file changes.
 
 This file only states the interface (a typing.Protocol: nothing inherits from it, nothing checks it at run time).
 """
