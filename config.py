@@ -74,8 +74,8 @@ class Config:
     meta_batch: int = arg(8, "targets per meta-step")
     eta_lr: float = arg(0.01, "Adam learning rate of the scorer eta")
     psi_lr: float = arg(1e-3, "Adam learning rate of the generator adapter psi (REINFORCE)")
-    reward: str = arg("contribution", "the generator's per-example reward: attribution (-g_i) | contribution (-w_i g_i, "
-                                     "what example i did in the weighted update)")
+    reward: str = arg("contribution", "the generator's per-example reward: contribution (-w_i g_i, what example i did "
+                                      "in the weighted update) | attribution (-g_i)")
     improvement_coef: float = arg(1.0, "weight of the post-update improvement in the generator's reward")
     reward_norm: str = arg("target", "divide each target's dL_out/dw, for the generator's reward, by: target (its "
                            "own norm) | running (a running typical norm, capping one target at 3x typical)")
