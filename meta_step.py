@@ -64,6 +64,18 @@ def attribution_scale(g, typical_norm, how):
     raise ValueError(f"eta gradient normalisation must be 'target' or 'running', not {how!r}")
 
 
+def generator_reward(g, w, how, improvement):
+    """Eq. 5's per-example reward and advantage, each (m,). how: 'attribution' pays -g_i (what more weight on
+    example i would do to L_out), 'contribution' -w_i g_i (what example i did in the weighted update: an example
+    the scorer distrusts earns about nothing). improvement: the post-update term, the same for every example.
+    The advantage subtracts the per-example part's mean over the m samples (the baseline)."""
+    if how not in ("attribution", "contribution"):
+        raise ValueError(f"generator reward must be 'attribution' or 'contribution', not {how!r}")
+    per_example = -g if how == "attribution" else -w * g
+    reward = per_example + improvement
+    return reward, reward - per_example.mean()
+
+
 def reinforce_surrogate(logp, advantage):
     """-(1/m) sum_i A_i log pi(x_i): its gradient is eq. 5's policy gradient (negated, for a minimiser).
     Its value measures nothing; log the reward beside it."""
@@ -122,10 +134,8 @@ def meta_step(model, tok, world, eta, psi, phi0, target, reference, cfg, gen, ru
     # reward_norm "target" scales every target's g to norm 1; "running" keeps its size relative to a typical target's
     improvement = (L_before - L_after).item()
     g_reward = g / (attribution_scale(g, running["g_norm"], cfg.reward_norm) + 1e-8)
-    if cfg.reward == "contribution":   # -w_i g_i: what example i did in the update, so a distrusted one earns ~0
-        g_reward = w.detach() * g_reward
-    reward = -g_reward + cfg.improvement_coef * (improvement - running["improvement"])
-    advantage = reward - (-g_reward).mean()   # the attribution part minus its mean over the m samples
+    reward, advantage = generator_reward(g_reward, w.detach(), cfg.reward,
+                                         cfg.improvement_coef * (improvement - running["improvement"]))
     logp = log_prob(model, psi, cfg.lora_scale, tok, world, target, [e["line"] for e in valid])  # (m,)
     surrogate = reinforce_surrogate(logp, advantage)
     (surrogate * grad_scale).backward()

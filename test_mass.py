@@ -18,7 +18,8 @@ import generator
 import room
 import tasks
 from inner_loop import adapt, encode, forward, init_lora, inner_loss, lora_targets
-from meta_step import attribution, example_features, outer_loss, reinforce_surrogate, training_pairs
+from meta_step import (attribution, example_features, generator_reward, outer_loss, reinforce_surrogate,
+                       training_pairs)
 from scorer import N_SCALARS, Scorer, weights_from_scores
 from stats import auc, sign_test
 
@@ -197,6 +198,17 @@ def test_reinforce_matches_hand_computed_policy_gradient():
     # grad of log pi(a) wrt the logits is onehot(a) - pi; the surrogate is -(1/m) sum_i A_i log pi(a_i)
     expected = -sum(A * (torch.eye(3)[a] - pi) for a, A in zip(actions, advantage)) / len(actions)
     assert torch.allclose(logits.grad, expected, atol=1e-6)
+
+
+def test_generator_rewards():
+    g, w = torch.tensor([-0.6, 0.2, 0.4]), torch.tensor([0.0, 1.0, 2.0])
+    reward, advantage = generator_reward(g, w, "attribution", improvement=0.1)
+    assert torch.allclose(reward, -g + 0.1) and torch.allclose(advantage, -g + 0.1)    # -g already has mean 0
+    reward, advantage = generator_reward(g, w, "contribution", improvement=0.1)
+    assert torch.allclose(reward, torch.tensor([0.0, -0.2, -0.8]) + 0.1)             # a weight-0 example earns 0
+    assert torch.allclose(advantage, torch.tensor([0.0, -0.2, -0.8]) + 1 / 3 + 0.1)
+    with pytest.raises(ValueError, match="generator reward"):
+        generator_reward(g, w, "usefulness", 0.0)
 
 
 def test_reinforce_gradient_is_zero_when_advantages_are_zero(model, tok):
