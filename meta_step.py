@@ -130,7 +130,7 @@ def meta_step(model, tok, world, eta, psi, phi0, target, reference, cfg, gen, ru
                              cfg.inner_clip or None)
     g_hat = g / (attribution_scale(g, running["g_norm"], cfg.eta_grad_norm) + 1e-8)  # raw g is heavy-tailed
     w.backward(g_hat * grad_scale)         # eq. 4: dL_out/d eta = sum_i g_i dw_i/d eta, into eta.grad
-    # eq. 5: REINFORCE for psi, reward = -g_i (attribution) + the post-update improvement, mean baseline.
+    # eq. 5: REINFORCE for psi, reward = -w_i g_i (or -g_i, --reward) + the post-update improvement, mean baseline.
     # reward_norm "target" scales every target's g to norm 1; "running" keeps its size relative to a typical target's
     improvement = (L_before - L_after).item()
     g_reward = g / (attribution_scale(g, running["g_norm"], cfg.reward_norm) + 1e-8)
