@@ -116,7 +116,10 @@ if __name__ == "__main__":
         base_model.check(os.path.join(run, "base"), "auto", 1, option="RUN_DIR")
         psi_path, config_path = os.path.join(run, "psi.pt"), os.path.join(run, "config.json")
         psi = torch.load(psi_path, weights_only=True) if os.path.exists(psi_path) else None
-        settings = json.load(open(config_path)) if os.path.exists(config_path) else {}
+        settings = {}
+        if os.path.exists(config_path):
+            with open(config_path) as f:
+                settings = json.load(f)
         scale = settings.get("lora_alpha", 4.0) / settings.get("lora_rank", 4)
     except Exception as e:
         import config

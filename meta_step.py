@@ -116,8 +116,9 @@ def meta_step(model, tok, world, eta, psi, phi0, target, reference, cfg, gen, ru
     # step 1: synthesize m examples with the generator theta = base + psi
     examples = synthesize(model, psi, cfg.lora_scale, tok, world, target, cfg.m, cfg.temperature, cfg.max_new, gen)
     valid, prompts, answers, consistent = training_pairs(world, examples, target, cfg.answer_with, tok)
+    parsed = sum(e["valid"] for e in examples) / len(examples)    # T itself included, though left out of the pool
     if not valid:
-        return {"skipped": 1, "valid": 0.0}
+        return {"skipped": 1, "valid": parsed}
     # step 2: score them
     x = example_features(model, tok, world, target, valid, prompts, answers, consistent)
     w = weights_from_scores(eta(x))                                                  # (m,)
@@ -139,7 +140,7 @@ def meta_step(model, tok, world, eta, psi, phi0, target, reference, cfg, gen, ru
     logp = log_prob(model, psi, cfg.lora_scale, tok, world, target, [e["line"] for e in valid])  # (m,)
     surrogate = reinforce_surrogate(logp, advantage)
     (surrogate * grad_scale).backward()
-    metrics = {"skipped": 0, "valid": len(valid) / len(examples), "L_before": L_before.item(),
+    metrics = {"skipped": 0, "valid": parsed, "L_before": L_before.item(),
                "L_after": L_after.item(), "improvement": improvement, "reward": reward.mean().item(),
                "surrogate": surrogate.item(), "w_mean": w.mean().item(), "g_mean": g.mean().item(),
                "g_norm": g.norm().item()}

@@ -144,9 +144,10 @@ def related(terms, kind, rng):
 def relation(problem, target):
     """How a practice problem relates to T: 'target' (T itself), 'same' (another problem with T's answer),
     'other' (anything else, a neighbour included), None if malformed."""
-    if solve(problem) is None:
+    answer = solve(problem)
+    if answer is None:
         return None
-    return "target" if problem == target else "same" if solve(problem) == solve(target) else "other"
+    return "target" if problem == target else "same" if answer == solve(target) else "other"
 
 
 def pretraining_item(rng, block_share):
