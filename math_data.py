@@ -179,7 +179,8 @@ def _parse_row(row, where):
         answer = _gsm8k_number(row["answer"])
         if answer is None:
             raise ValueError(f"{where}: the GSM8K answer has no final '#### N'")
-        return {"domain": "gsm8k", "problem": row["question"], "solution": row["answer"], "answer": answer}
+        solution = re.sub(r"<<[^<>]*>>", "", row["answer"])   # calculator notes, 48/2 = <<48/2=24>>24: not text
+        return {"domain": "gsm8k", "problem": row["question"], "solution": solution, "answer": answer}
     answer = str(row["answer"]) if row.get("answer") is not None else extract_answer(row["solution"])
     if answer is None:
         raise ValueError(f"{where}: no 'answer' field and no \\boxed{{}} in the solution")
@@ -228,20 +229,36 @@ def row_targets(rows, rng, outer_target):
 # ----------------------------------------------------------------------------- the natural-language prompts
 
 SOLVE = "Solve the following math problem. Put the final answer in \\boxed{{}}.\n\n{problem}"
-PRACTICE = ("Here is a math problem:\n\n{target}\n\nWrite one new practice problem like it (same topic, same kind of "
-            "reasoning, different numbers), then solve it. Use exactly this format:\n"
-            "Problem: <the practice problem>\n"
-            "Solution: <a worked solution that ends with the final answer in \\boxed{{}}>")
+PRACTICE = ("Write one new math problem like this one (same kind of reasoning, different numbers), then solve it "
+            "step by step.\n\n{target}")
+# The generator's prompt shows the format once, as an earlier exchange (a GSM8K train row asked about, the next row
+# answered), and starts the reply with "Problem:". Measured on SmolLM2-135M-Instruct (docs/smollm2.md): asked for the
+# format in words alone it wrote a parseable example 1 time in 16; this way, most of the time.
+SHOWN = ("Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. How many "
+         "clips did Natalia sell altogether in April and May?")
+SHOWN_REPLY = ("Problem: Weng earns $12 an hour for babysitting. Yesterday, she just did 50 minutes of babysitting. "
+               "How much did she earn?\nSolution: Weng earns 12/60 = $0.2 per minute.\nWorking 50 minutes, she earned "
+               "0.2 x 50 = $10.\nThe answer is 10.")
+REPLY_START = "Problem:"
 
 
-def chat(tok, text):
-    """text as a user turn in the tokenizer's chat template, ready for the assistant's reply; plain text without one."""
+def chat(tok, text, before=()):
+    """text as a user turn in the tokenizer's chat template, ready for the assistant's reply; plain text without one.
+    before: earlier (user, assistant) exchanges."""
+    turns = [x for user, reply in before for x in ({"role": "user", "content": user},
+                                                    {"role": "assistant", "content": reply})]
+    turns.append({"role": "user", "content": text})
     if not tok.chat_template:
-        return text + "\n\n"
-    prompt = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+        return "".join(t["content"] + "\n\n" for t in turns)
+    prompt = tok.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
     if tok.bos_token and prompt.startswith(tok.bos_token) and tok.bos_token_id in tok("")["input_ids"]:
         prompt = prompt[len(tok.bos_token):]   # the tokenizer adds BOS itself (Llama 3): not twice
     return prompt
+
+
+def practice_prompt(tok, target):
+    """What the generator continues: the format shown once, then T; the reply already begun with "Problem:"."""
+    return chat(tok, PRACTICE.format(target=target), before=[(PRACTICE.format(target=SHOWN), SHOWN_REPLY)]) + REPLY_START
 
 
 def _label(words, letter):
@@ -303,10 +320,10 @@ class MathWorld:
         return [(r["domain"], r["problem"], reference(r, self.outer_target), r["answer"]) for r in rows]
 
     def practice_prompt(self, tok, target):
-        return chat(tok, PRACTICE.format(target=target))
+        return practice_prompt(tok, target)
 
     def parse(self, text):
-        return parse_worked(text)
+        return parse_worked(REPLY_START + text)     # the prompt began the reply with "Problem:"
 
     def as_written(self, text, prompt, answer):
         return prompt, answer                        # a worked example is written as it is trained on
@@ -316,6 +333,9 @@ class MathWorld:
 
     def answer_end(self, tok):
         return tok.eos_token or ""                   # the end of the assistant's turn
+
+    def answer_text(self, answer):
+        return reference({"answer": answer}, "answer")   # \boxed{answer}
 
     def is_correct(self, predicted, answer):
         return is_correct(predicted, answer)

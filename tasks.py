@@ -218,6 +218,9 @@ class ToyWorld:
     def answer_end(self, tok):
         return "\n"
 
+    def answer_text(self, answer):
+        return answer                                # R* is the answer already
+
     def is_correct(self, predicted, answer):
         return predicted == answer
 

@@ -246,6 +246,7 @@ def test_train_tiny_end_to_end(tmp_path):
     assert results["excludes_target"] is True and set(results["with_target"]) == {"mass_with_target",
                                                                                     "mass_with_target_vs_mass"}
     assert results["methods"]["no_adapt"]["overall"]["dnll"] == 0.0
+    assert "dnll_answer" not in results["methods"]["no_adapt"]["overall"]   # R* is the answer: one measure
     assert results["methods"]["oracle"]["overall"]["n"] == 12
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 4 and rows[-1]["valid"] > 0.3    # real meta-steps ran on parsed examples

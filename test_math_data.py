@@ -290,6 +290,15 @@ def test_realdata_math_train_sample_loads_with_answers():
     ("Problem: How far does James run?\n\nI'm ready to help.", None),          # no solution
     ("A farmer has 5 cows. How many legs?\nThey have 20 legs.", None),           # no labels
     ("Solution: \\boxed{5}\nProblem: What is 2+3?", None),                       # the solution before the problem
+    # as SmolLM2-135M-Instruct wrote them to math_data.practice_prompt (docs/smollm2.md)
+    ("Problem: John runs 60 meters each sprint. How many total meters does he run a week?\nSolution: 60 x 3 = 180 "
+     "meters.\nThe answer is 180.", ("John runs 60 meters each sprint. How many total meters does he run a week?",
+                                     "60 x 3 = 180 meters.\nThe answer is 180.")),
+    ("Problem: 2 x 1. \nSolution: 2.\nThe answer is 2.", None),                    # no problem in words
+    ("Problem: How much profit did Josh make?\nSolution:", None),                  # no solution
+    ("Problem: 3 x 360 = 1000 meters\nThe answer is 1000.", None),                 # no solution label
+    ("Problem: How many bags of cereal does it take to feed 20 chickens if each chicken eats 20 cans of cereal.",
+     None),                                                                      # stopped before a solution
 ])
 def test_worked_examples_parse(text, parsed):
     assert math_data.parse_worked(text) == parsed

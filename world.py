@@ -44,6 +44,10 @@ class World(Protocol):
     def answer_end(self, tok) -> str:
         """The mark appended to every trained-on answer (and to R*): what teaches the model to stop."""
 
+    def answer_text(self, answer: str) -> str:
+        """The final answer alone as an R* (real data: \\boxed{answer}), for the NLL of the answer without its work;
+        the answer itself where R* is already the answer (toy world)."""
+
     # ---- grading
     def is_correct(self, predicted: str, answer: str) -> bool:
         """Is a model's answer (as generated) right, against the target's reference answer."""
