@@ -107,26 +107,28 @@ def evaluate_target(model, tok, world, eta, psi, phi0, cfg, methods, target, ref
     nll = lambda phi, batch: None if batch is None else outer_loss(model, phi, cfg.lora_scale, batch).item()
     with torch.no_grad():
         L_before, A_before = nll(phi0, T_batch), nll(phi0, A_batch)
-    result, base_answer = {}, None
+    phis = {}   # step 3: each method's adapter (phi_0 where it has nothing to train on)
     for method in methods:
         if method == WITH_TARGET and not has_target:
-            result[method] = result["mass"]   # no example is T itself: the same pool, the same result as mass
-            continue
-        phi = phi0
+            continue                  # no example is T itself: the same pool, the same result as mass (below)
+        phis[method] = phi0
         if data[method] is not None:
             prompts, answers, w = data[method]
-            phi = adapt(model, phi0, cfg.lora_scale, encode(tok, prompts, answers, model.device, cfg.max_len),
-                        w.to(model.device), cfg.alpha, cfg.K, max_norm=cfg.inner_clip or None)[-1]
-        if phi is phi0 and base_answer is not None:
-            predicted = base_answer    # nothing to train on: the same greedy answer as no_adapt's
-        else:
-            predicted = decode(model, [phi], cfg.lora_scale, tok, [world.answer_prompt(tok, target)], cfg.max_new,
-                               stop=world.stop)[0]
-            base_answer = predicted if phi is phi0 else base_answer
-        with torch.no_grad():
-            result[method] = (nll(phi, T_batch) - L_before, world.is_correct(predicted, answer))
+            phis[method] = adapt(model, phi0, cfg.lora_scale, encode(tok, prompts, answers, model.device, cfg.max_len),
+                                 w.to(model.device), cfg.alpha, cfg.K, max_norm=cfg.inner_clip or None)[-1]
+    # step 4: every distinct adapter answers T greedily, all in one batch (a row each)
+    distinct = list({id(phi): phi for phi in phis.values()}.values())
+    predicted = decode(model, [], cfg.lora_scale, tok, [world.answer_prompt(tok, target)] * len(distinct),
+                       cfg.max_new, stop=world.stop, per_row=distinct)
+    answer_of = {id(phi): text for phi, text in zip(distinct, predicted)}
+    result = {}
+    with torch.no_grad():
+        for method, phi in phis.items():
+            result[method] = (nll(phi, T_batch) - L_before, world.is_correct(answer_of[id(phi)], answer))
             if A_batch is not None:
                 result[method] += (nll(phi, A_batch) - A_before,)
+    if WITH_TARGET in methods and not has_target:
+        result[WITH_TARGET] = result["mass"]
     return result, diagnostics(model, tok, world, phi0, cfg, target, T_batch, base_pool, mass_pool, base, trained)
 
 

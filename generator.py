@@ -15,14 +15,17 @@ What the prompt says, what ends a sample and how a sample becomes a practice exa
     python generator.py RUN_DIR [N]   # practice problems of a train.py run's untrained and trained generator,
                                       # for its first N held-out targets (default runs/default, 5)
 """
+import contextlib
 import inspect
 import json
 import os
 import sys
 
 import torch
+import torch.nn.functional as F
 from torch.func import functional_call
 from transformers import DynamicCache
+from transformers.pytorch_utils import Conv1D
 
 from inner_loop import answer_nll, encode, merged_weights
 
@@ -39,12 +42,43 @@ def eos_ids(model, tok):
     return {i for i in [tok.eos_token_id, *config_ids] if i is not None}
 
 
+@contextlib.contextmanager
+def adapter_per_row(model, adapters, scale):
+    """Inside it, row r of every batch runs through base + adapters[r]: each adapted layer computes row r alone with
+    its own merged weight (merged_weights of that one adapter), as a call with that adapter alone would. One forward
+    then serves several adapters (evaluate.py: every method's answer to T in one batch)."""
+    per_row = [merged_weights(model, [adapter], scale) for adapter in adapters]
+    handles = []
+    for key in sorted({k for weights in per_row for k in weights}):
+        module = model.get_submodule(key.removesuffix(".weight"))
+        row_weights = [weights.get(key, module.weight) for weights in per_row]
+
+        def layer(mod, inputs, output, row_weights=row_weights):   # replaces the layer's output, row by row
+            x = inputs[0]
+            return torch.cat([linear(mod, x[r:r + 1], W) for r, W in enumerate(row_weights)])
+        handles.append(module.register_forward_hook(layer))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def linear(module, x, W):
+    """What the module computes with weight W: nn.Linear, or transformers' Conv1D (GPT-2), whose W is (in, out)."""
+    if isinstance(module, Conv1D):
+        return torch.addmm(module.bias, x.view(-1, x.size(-1)), W).view(*x.shape[:-1], W.shape[1])
+    return F.linear(x, W, module.bias)
+
+
 @torch.no_grad()
-def decode(model, adapters, scale, tok, prompts, max_new, temperature=0.0, gen=None, stop="\n", use_cache=True):
+def decode(model, adapters, scale, tok, prompts, max_new, temperature=0.0, gen=None, stop="\n", use_cache=True,
+           per_row=None):
     """Continue each prompt until `stop` (None: EOS only) or EOS, at most max_new tokens; greedy when temperature is 0.
     Prompts of different lengths are left-padded, with an attention mask and matching position ids.
     use_cache: run the prompt once, then one new token per step against the cached keys and values (a DynamicCache);
-    False: the whole sequence again for every token (the plain reference; the same text, see test_real.py)."""
+    False: the whole sequence again for every token (the plain reference; the same text, see test_real.py).
+    per_row: instead of `adapters` for every row, one adapter per prompt (adapter_per_row)."""
     encoded = [tok(p)["input_ids"] for p in prompts]
     L = max(map(len, encoded))
     device = model.device
@@ -52,35 +86,36 @@ def decode(model, adapters, scale, tok, prompts, max_new, temperature=0.0, gen=N
     attention = torch.tensor([[0] * (L - len(e)) + [1] * len(e) for e in encoded], device=device)  # (n, L)
     weights = merged_weights(model, adapters, scale)      # W + scale * B A, once for the whole call
     cache = DynamicCache(config=model.config) if use_cache else None
-    one_prompt = use_cache and len(set(prompts)) == 1     # m samples of one prompt: run the prompt once, not m times
+    one_prompt = use_cache and len(set(prompts)) == 1 and not per_row   # m samples of one prompt: run it once
     unseen = ids[:1] if one_prompt else ids               # the tokens whose keys and values are not cached yet
     out = [[] for _ in prompts]
     done = [False] * len(prompts)
     eos = eos_ids(model, tok)
-    for _ in range(max_new):
-        if not use_cache:
-            unseen = ids
-        rows = len(unseen)
-        positions = (attention[:rows].cumsum(1) - 1).clamp(min=0)[:, -unseen.shape[1]:]  # real tokens before each one
-        logits = functional_call(model, weights, (unseen,), {"attention_mask": attention[:rows], "position_ids":
-                                 positions, cache_argument(model): cache, "use_cache": use_cache}).logits[:, -1]
-        if rows < len(prompts):                           # the one prompt's keys, values and logits, for every sample
-            cache.batch_repeat_interleave(len(prompts))
-            logits = logits.expand(len(prompts), -1)                                         # (n, V)
-        if temperature > 0:  # sample on the CPU so that a seeded generator gives the same text on any device
-            probs = torch.softmax(logits.float().cpu() / temperature, dim=-1)              # (n, V)
-            next_ids = torch.multinomial(probs, 1, generator=gen).squeeze(1).to(device)     # (n,)
-        else:
-            next_ids = logits.argmax(-1)                                                     # (n,)
-        unseen = next_ids[:, None]                                                           # (n, 1)
-        ids = torch.cat([ids, unseen], 1)                                                    # (n, L + t)
-        attention = torch.cat([attention, torch.ones_like(unseen)], 1)                      # (n, L + t)
-        for i, t in enumerate(next_ids.tolist()):
-            if not done[i]:
-                out[i].append(t)
-                done[i] = t in eos or (stop is not None and stop in tok.decode(out[i]))
-        if all(done):
-            break
+    with adapter_per_row(model, per_row or [], scale):   # no hooks without per_row
+        for _ in range(max_new):
+            if not use_cache:
+                unseen = ids
+            rows = len(unseen)
+            positions = (attention[:rows].cumsum(1) - 1).clamp(min=0)[:, -unseen.shape[1]:]  # real tokens before
+            logits = functional_call(model, weights, (unseen,), {"attention_mask": attention[:rows], "position_ids":
+                                     positions, cache_argument(model): cache, "use_cache": use_cache}).logits[:, -1]
+            if rows < len(prompts):                       # the one prompt's keys, values and logits, for every sample
+                cache.batch_repeat_interleave(len(prompts))
+                logits = logits.expand(len(prompts), -1)                                     # (n, V)
+            if temperature > 0:  # sample on the CPU so that a seeded generator gives the same text on any device
+                probs = torch.softmax(logits.float().cpu() / temperature, dim=-1)            # (n, V)
+                next_ids = torch.multinomial(probs, 1, generator=gen).squeeze(1).to(device)   # (n,)
+            else:
+                next_ids = logits.argmax(-1)                                                   # (n,)
+            unseen = next_ids[:, None]                                                         # (n, 1)
+            ids = torch.cat([ids, unseen], 1)                                                  # (n, L + t)
+            attention = torch.cat([attention, torch.ones_like(unseen)], 1)                    # (n, L + t)
+            for i, t in enumerate(next_ids.tolist()):
+                if not done[i]:
+                    out[i].append(t)
+                    done[i] = t in eos or (stop is not None and stop in tok.decode(out[i]))
+            if all(done):
+                break
     texts = [tok.decode(o, skip_special_tokens=True) for o in out]
     return texts if stop is None else [t.split(stop)[0] for t in texts]
 

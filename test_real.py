@@ -148,6 +148,23 @@ def test_decoding_one_prompt_m_times_runs_it_once_and_writes_what_the_plain_loop
     assert sampled == texts(PROMPTS[2:] * 3, False, 1.0) and len(set(sampled)) > 1    # the rows sample apart
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_decoding_with_an_adapter_per_row_writes_what_each_adapter_writes_alone(arch):
+    """evaluate.py answers T with every method's adapter in one batch: row r through adapters[r] (and no adapter),
+    the same text as a call with that adapter alone, and the same logits."""
+    tok = char_tokenizer_with_eos()
+    model = tiny_hf_model(arch, tok)
+    adapters = [random_adapter(model, seed=seed) for seed in (1, 2)] + [{}]
+    alone = [generator.decode(model, [a], 4.0, tok, PROMPTS[2:], 30, stop=None)[0] for a in adapters]
+    assert len(set(alone)) == 3                                                      # the adapters change the text
+    assert generator.decode(model, [], 4.0, tok, PROMPTS[2:] * 3, 30, stop=None, per_row=adapters) == alone
+    ids = tok(PROMPTS[2], return_tensors="pt")["input_ids"].repeat(3, 1)
+    with generator.adapter_per_row(model, adapters, 4.0):
+        batched = forward(model, [], 4.0, ids)
+    assert torch.equal(batched, torch.cat([forward(model, [a], 4.0, ids[:1]) for a in adapters]))
+    assert torch.equal(forward(model, [], 4.0, ids[:1]), batched[2:])                  # the hooks are gone after
+
+
 def test_smollm2_gguf_decodes_the_same_with_and_without_cache_and_takes_an_adapter():
     """SmolLM2-135M-Instruct from its GGUF file (requirements-gguf.txt; skipped without it): loaded like a folder model,
     the cached and uncached greedy texts agree, and an adapter changes the logits. 50-70 s on a busy 2-core CPU, most
