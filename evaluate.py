@@ -109,8 +109,9 @@ def evaluate_target(model, tok, world, eta, psi, phi0, cfg, methods, target, ref
         L_before, A_before = nll(phi0, T_batch), nll(phi0, A_batch)
     phis = {}   # step 3: each method's adapter (phi_0 where it has nothing to train on)
     for method in methods:
-        if method == WITH_TARGET and not has_target:
-            continue                  # no example is T itself: the same pool, the same result as mass (below)
+        if method == WITH_TARGET and not has_target:   # no example is T itself: mass's pool, so mass's adapter
+            phis[method] = phis["mass"]
+            continue
         phis[method] = phi0
         if data[method] is not None:
             prompts, answers, w = data[method]
@@ -127,8 +128,6 @@ def evaluate_target(model, tok, world, eta, psi, phi0, cfg, methods, target, ref
             result[method] = (nll(phi, T_batch) - L_before, world.is_correct(answer_of[id(phi)], answer))
             if A_batch is not None:
                 result[method] += (nll(phi, A_batch) - A_before,)
-    if WITH_TARGET in methods and not has_target:
-        result[WITH_TARGET] = result["mass"]
     return result, diagnostics(model, tok, world, phi0, cfg, target, T_batch, base_pool, mass_pool, base, trained)
 
 
@@ -253,9 +252,10 @@ def print_tables(results):
     methods = results["methods"]
     domains = list(next(iter(methods.values()))["by_domain"])
     worked = "dnll_answer" in next(iter(methods.values()))["overall"]   # R* is a worked solution (real data)
-    tables = [("dnll", f"change of {'the reference solution' if worked else 'the answer'}'s NLL after adaptation, nats "
-                       "(lower is better)"),
-              ("dnll_answer", "change of the final answer's NLL alone, nats (lower is better)"), ("acc", "greedy accuracy")]
+    tables = [("dnll", f"change of {'the reference solution' if worked else 'the answer'}'s NLL after adaptation, "
+                       "nats (lower is better)"),
+              ("dnll_answer", "change of the final answer's NLL alone, nats (lower is better)"),
+              ("acc", "greedy accuracy")]
     for key, title in [(k, t) for k, t in tables if k != "dnll_answer" or worked]:
         print(f"\n{title}, mean ± s.e.")
         print(f"{'domain':24s}{'n':>5s}" + "".join(f"{m:>16s}" for m in methods))
@@ -271,7 +271,8 @@ def print_tables(results):
               f"accuracy {p['acc_diff']:+.3f} ± {p['acc_diff_se']:.3f}")
     print("\npaired, A minus B on the same targets: dnll mean ± s.e. [median, sign-test p]; accuracy")
     for name, p in results["paired"].items():
-        answer = f"   answer alone {p['dnll_answer_diff']:+.3f} ± {p['dnll_answer_diff_se']:.3f}" if "dnll_answer_diff" in p else ""
+        answer = (f"   answer alone {p['dnll_answer_diff']:+.3f} ± {p['dnll_answer_diff_se']:.3f}"
+                  if "dnll_answer_diff" in p else "")
         print(f"  {name:26s} {p['dnll_diff']:+.3f} ± {p['dnll_diff_se']:.3f} [{p['dnll_diff_median']:+.3f}, "
               f"p={p['sign_test_p']:.2g}]   acc {p['acc_diff']:+.3f} ± {p['acc_diff_se']:.3f}{answer}")
     print("\nwhat meta-training learned: " + ", ".join(f"{k} {v:.3f}" for k, v in results["learned"].items()))
