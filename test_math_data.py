@@ -237,11 +237,12 @@ def test_realdata_gsm8k_extracts_every_final_number():
     finals = [r["solution"].split("####")[-1].strip().replace(",", "") for r in rows]
     assert len(rows) == 1319 and [math_data.extract_answer(r["solution"]) for r in rows] == finals
     assert all(r["answer"] == f and r["domain"] == "gsm8k" and re.fullmatch(r"-?\d+", f) for r, f in zip(rows, finals))
+    assert not any("<<" in r["solution"] for r in rows)      # calculator notes are not text a model should learn
 
 
 def model_style_endings(solution, n):
     """A GSM8K reference solution with its '#### N' line rewritten as models end theirs, final answer n."""
-    body = re.sub(r"<<[^>]*>>", "", solution.rsplit("####", 1)[0]).strip()    # no calculator annotations
+    body = solution.rsplit("####", 1)[0].strip()      # load_jsonl already dropped the <<48/2=24>> notes
     return [f"{body}\n{end}" for end in [f"#### {n}", f"The answer is {n}.", f"A: {n}", f"**{n}**", f"${n:,}",
             f"So the answer is ${n}.00.", f"{n:,} dollars", f"The final answer is $\\boxed{{{n}}}$.",
             f"\nAnswer: {n:,}", f"Therefore, she has {n} apples left."]]
