@@ -16,7 +16,7 @@ Every pool but own_with_target and own_target leaves out examples that are T its
   random           m random training problems with true answers (= random_ttt)
 
     python room.py --out runs/default                        # the demo's base and inner loop, 300 targets
-    python room.py --out runs/default --alpha 0.05
+    python room.py --out runs/default --alpha 0.2             # any of the demo's settings, changed
 """
 import argparse
 import json
@@ -142,17 +142,19 @@ def check(parser, args):
 
 def main(argv):
     parser = config.Parser(prog="room.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="runs/default", help="a run folder with a pretrained base/ (train.py)")
-    parser.add_argument("--targets", type=int, default=300, help="held-out targets, balanced over the domains")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--m", type=int, default=8, help="examples per pool")
-    parser.add_argument("--K", type=int, default=8, help="inner steps")
-    parser.add_argument("--alpha", type=float, default=0.2, help="inner learning rate")
-    parser.add_argument("--inner-clip", type=float, default=0.5, help="inner gradient-norm clip (0: off)")
-    parser.add_argument("--lora-modules", default="auto")
-    parser.add_argument("--lora-rank", type=int, default=4)
-    parser.add_argument("--lora-alpha", type=float, default=4.0)
-    parser.add_argument("--max-new", type=int, default=24)
+    demo = config.Config()                                   # defaults: the demo's settings (train.py --help)
+    parser.add_argument("--out", default=demo.out, help="a run folder with a pretrained base/ (train.py)")
+    parser.add_argument("--targets", type=int, default=demo.eval_targets,
+                        help="held-out targets, balanced over the domains")
+    parser.add_argument("--seed", type=int, default=demo.seed)
+    parser.add_argument("--m", type=int, default=demo.m, help="examples per pool")
+    parser.add_argument("--K", type=int, default=demo.K, help="inner steps")
+    parser.add_argument("--alpha", type=float, default=demo.alpha, help="inner learning rate")
+    parser.add_argument("--inner-clip", type=float, default=demo.inner_clip, help="inner gradient-norm clip (0: off)")
+    parser.add_argument("--lora-modules", default=demo.lora_modules)
+    parser.add_argument("--lora-rank", type=int, default=demo.lora_rank)
+    parser.add_argument("--lora-alpha", type=float, default=demo.lora_alpha)
+    parser.add_argument("--max-new", type=int, default=demo.max_new)
     args = parser.parse_args(argv)
     check(parser, args)
     torch.manual_seed(args.seed)
