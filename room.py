@@ -11,6 +11,8 @@ Every pool but own_with_target and own_target leaves out examples that are T its
   own_correct      own's examples whose answer the checker says is right (a perfect scorer's filter)
   own_same         own's right examples with T's answer (reorderings of T): a perfect scorer that knows what helps
   own_true         own's problems with the checker's true answers (a generator whose arithmetic is always right)
+  own_worked       own's problems worked again by the base, greedily (a generator that samples its problems and
+                   works them out greedily, step by step)
   oracle           m true related problems, never T (world.oracle_examples: a reordering of T and neighbours)
   oracle_same      the reordering of T, m times, with its true answer
   random           m random training problems with true answers (= random_ttt)
@@ -37,8 +39,8 @@ from inner_loop import adapt, encode, init_lora, lora_targets
 from meta_step import outer_loss, pool_quality
 from stats import mean_se, median
 
-POOLS = ["own", "own_with_target", "own_target", "own_greedy", "own_correct", "own_same", "own_true", "oracle",
-         "oracle_same", "random"]
+POOLS = ["own", "own_with_target", "own_target", "own_greedy", "own_correct", "own_same", "own_true", "own_worked",
+         "oracle", "oracle_same", "random"]
 
 
 def pools_for(model, tok, world, target, m, max_new, rng, gen):
@@ -52,6 +54,9 @@ def pools_for(model, tok, world, target, m, max_new, rng, gen):
     keep = lambda e, kept: (e["problem"], e["answer"], 2.0 * kept)
     same = tasks.problem_text(tasks.reordered(tasks.terms_of(target)))
     randoms = [tasks.sample_problem(rng, rng.choice(tasks.DOMAIN_NAMES)) for _ in range(m)]
+    steps = decode(model, [], 1.0, tok, [world.practice_prompt(tok, target) + e["problem"] for e in practice],
+                   max_new, stop=world.stop) if practice else []          # `@T` and the problem: `=65+18=83`
+    reworked = [world.parse(e["problem"] + rest) for e, rest in zip(practice, steps)]
     return samples, {
         "own": [(e["problem"], e["answer"], 1.0) for e in practice],
         "own_with_target": [(e["problem"], e["answer"], 1.0) for e in own],
@@ -60,6 +65,7 @@ def pools_for(model, tok, world, target, m, max_new, rng, gen):
         "own_correct": [keep(e, right(e)) for e in practice],
         "own_same": [keep(e, right(e) and tasks.relation(e["problem"], target) == "same") for e in practice],
         "own_true": [(e["problem"], tasks.solve(e["problem"]), 1.0) for e in practice if tasks.solve(e["problem"])],
+        "own_worked": [(e["problem"], w[1], 1.0) for e, w in zip(practice, reworked) if w],
         "oracle": [(p, a, 1.0) for p, a in world.oracle_examples(rng, target, m)],
         "oracle_same": [(same, tasks.solve(same), 1.0)] * m,
         "random": [(p, a, 1.0) for p, a in randoms]}
@@ -79,6 +85,8 @@ def measure(args):
         samples, pools = pools_for(model, tok, world, T, args.m, args.max_new, rng, gen)
         row.update(pool_quality(world, T, samples))                             # the base's samples, checked
         row["has_same"] = float(row["same_answer"] > 0)
+        right = lambda pool: sum(tasks.solve(p) == a for p, a, _ in pool) / args.m
+        row["practice_right"], row["worked_right"] = right(pools["own"]), right(pools["own_worked"])
         for name, pool in pools.items():
             if not pool or not any(w for _, _, w in pool):    # nothing to train on: no update
                 row[name], row[name + "_right"] = 0.0, row["base_right"]
@@ -115,13 +123,14 @@ def table(rows):
         print(f"{k[:14]:14s}{len(sub):5d}" + "".join(dnll_cells))
         print(f"{'  accuracy':14s}{'':5s}" + "".join(acc_cells))
     print("\nthe base and its own samples: greedy accuracy on T; shares of its m samples that parse, are right, are "
-          "T itself, are right with T's answer without being T (same); share of targets with a 'same'")
-    keys = ("base_right", "valid", "correct", "is_target", "same_answer", "has_same")
-    print(f"{'targets':14s}{'n':>5s}" + "".join(f"{k:>12s}" for k in ("base acc", *keys[1:])))
+          "T itself, are right with T's answer without being T (same); share of targets with a 'same'; shares that "
+          "are practice problems (not T) right as sampled, and right when the base works them again greedily")
+    keys = ("base_right", "valid", "correct", "is_target", "same_answer", "has_same", "practice_right", "worked_right")
+    print(f"{'targets':14s}{'n':>5s}" + "".join(f"{k:>15s}" for k in ("base acc", *keys[1:])))
     for k, sub in subsets.items():
         shares = [mean_se([float(r[key]) for r in sub])[0] for key in keys]
         quality[k] = dict(zip(("base_acc", *keys[1:]), shares))
-        print(f"{k[:14]:14s}{len(sub):5d}" + "".join(f"{s:12.3f}" for s in shares))
+        print(f"{k[:14]:14s}{len(sub):5d}" + "".join(f"{s:15.3f}" for s in shares))
     return out, quality
 
 
