@@ -6,6 +6,7 @@ Tests on tiny random models (2 layers, width 32), each against an independent re
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -235,10 +236,12 @@ def test_statistics():
 
 # ----------------------------------------------------------------------------- end to end
 
-def test_train_tiny_end_to_end(tmp_path):
+def test_train_tiny_end_to_end(tmp_path, tiny_base):
     out = tmp_path / "run"
-    subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--preset", "tiny", "--out", str(out)],
-                   check=True, cwd=HERE, capture_output=True)
+    shutil.copytree(tiny_base, out / "base")      # pretrained once for the session (conftest.py), reused here
+    done = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--preset", "tiny", "--out", str(out)],
+                          check=True, cwd=HERE, capture_output=True, text=True)
+    assert "reusing the pretrained base model" in done.stdout
     for f in ["base/config.json", "eta.pt", "psi.pt", "metrics.jsonl", "results.json"]:
         assert (out / f).exists(), f
     results = json.loads((out / "results.json").read_text())
@@ -254,9 +257,6 @@ def test_train_tiny_end_to_end(tmp_path):
         assert (out / "gains_by_domain.png").stat().st_size > 0 and (out / "meta_training.png").stat().st_size > 0
     else:
         assert not (out / "gains_by_domain.png").exists()
-    again = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--preset", "tiny", "--out", str(out)],
-                           check=True, cwd=HERE, capture_output=True, text=True)
-    assert "reusing the pretrained base model" in again.stdout
 
 
 def test_room_measures_every_pool(tmp_path, tok):
