@@ -41,7 +41,7 @@ from generator import decode, synthesize
 from inner_loop import adapt, encode, init_lora, lora_targets
 from meta_step import attribution, example_features, outer_loss, pool_quality, target_batch, training_pairs
 from scorer import Scorer, weights_from_scores
-from stats import auc, correlation, mean_se, median, sign_test
+from stats import auc, correlation, paired, summary
 
 METHODS = ["no_adapt", "random_ttt", "self_uniform", "scorer_only", "mass", "oracle"]
 WITH_TARGET = "mass_with_target"   # a comparison apart from METHODS: mass with the examples that are T itself
@@ -157,30 +157,7 @@ def diagnostics(model, tok, world, phi0, cfg, target, T_batch, base_pool, mass_p
     return d
 
 
-# ----------------------------------------------------------------------------- statistics
-
-def summary(rows):
-    """n, acc, acc_se, dnll, dnll_se, dnll_median over a list of (dnll, correct), and dnll_answer, dnll_answer_se
-    over (dnll, correct, dnll_answer)."""
-    dnll, acc = [r[0] for r in rows], [float(r[1]) for r in rows]
-    (a, a_se), (d, d_se) = mean_se(acc), mean_se(dnll)
-    out = {"n": len(rows), "acc": a, "acc_se": a_se, "dnll": d, "dnll_se": d_se, "dnll_median": median(dnll)}
-    if rows and len(rows[0]) > 2:
-        out["dnll_answer"], out["dnll_answer_se"] = mean_se([r[2] for r in rows])
-    return out
-
-
-def paired(per_target, a, b, keep):
-    rows = [r for r in per_target if keep(r)]
-    dd = [r[a][0] - r[b][0] for r in rows]
-    da = [float(r[a][1]) - float(r[b][1]) for r in rows]
-    (d, d_se), (x, x_se) = mean_se(dd), mean_se(da)
-    out = {"n": len(rows), "dnll_diff": d, "dnll_diff_se": d_se, "dnll_diff_median": median(dd),
-           "sign_test_p": sign_test(dd), "acc_diff": x, "acc_diff_se": x_se}
-    if rows and len(rows[0][a]) > 2:
-        out["dnll_answer_diff"], out["dnll_answer_diff_se"] = mean_se([r[a][2] - r[b][2] for r in rows])
-    return out
-
+# ----------------------------------------------------------------------------- all targets: tables and results.json
 
 def aggregate(per_target, domains, diags):
     base_wrong = lambda r: not r["no_adapt"][1]

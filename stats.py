@@ -1,6 +1,7 @@
 """
 The statistics of the evaluation, written out: mean and standard error, median, a two-sided sign test for paired
-differences, the AUC of a ranking, and a correlation. Plain Python on lists of numbers.
+differences, the AUC of a ranking, and a correlation. Plain Python on lists of numbers; then the summaries that
+evaluate.py makes of its per-target results (a method's (dnll, correct[, dnll_answer]) per target).
 
     python -m pytest test_mass.py -k statistics
 """
@@ -44,3 +45,28 @@ def correlation(xs, ys):
     sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
     sxx, syy = sum((x - mx) ** 2 for x in xs), sum((y - my) ** 2 for y in ys)
     return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else float("nan")
+
+
+# ----------------------------------------------------------------------------- per-target results of evaluate.py
+
+def summary(rows):
+    """n, acc, acc_se, dnll, dnll_se, dnll_median over a list of (dnll, correct), and dnll_answer, dnll_answer_se
+    over (dnll, correct, dnll_answer)."""
+    dnll, acc = [r[0] for r in rows], [float(r[1]) for r in rows]
+    (a, a_se), (d, d_se) = mean_se(acc), mean_se(dnll)
+    out = {"n": len(rows), "acc": a, "acc_se": a_se, "dnll": d, "dnll_se": d_se, "dnll_median": median(dnll)}
+    if rows and len(rows[0]) > 2:
+        out["dnll_answer"], out["dnll_answer_se"] = mean_se([r[2] for r in rows])
+    return out
+
+
+def paired(per_target, a, b, keep):
+    rows = [r for r in per_target if keep(r)]
+    dd = [r[a][0] - r[b][0] for r in rows]
+    da = [float(r[a][1]) - float(r[b][1]) for r in rows]
+    (d, d_se), (x, x_se) = mean_se(dd), mean_se(da)
+    out = {"n": len(rows), "dnll_diff": d, "dnll_diff_se": d_se, "dnll_diff_median": median(dd),
+           "sign_test_p": sign_test(dd), "acc_diff": x, "acc_diff_se": x_se}
+    if rows and len(rows[0][a]) > 2:
+        out["dnll_answer_diff"], out["dnll_answer_diff_se"] = mean_se([r[a][2] - r[b][2] for r in rows])
+    return out
