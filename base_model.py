@@ -5,7 +5,8 @@ local Hugging Face causal LM: a model folder, or one GGUF file (e.g. SmolLM2-135
 Pretraining text comes from the toy world (tasks.pretraining_item). A solved problem `23+42+18=83` teaches the
 model to answer in one go; a one-step problem `23+42=65` teaches it single steps; a block `@23+42+18=` followed by
 four worked problems related to it (`42+23+18=65+18=83`) teaches it to write practice problems for a target, which
-is what a pretrained LLM can do when asked. Nothing is downloaded.
+is what a pretrained LLM can do when asked. How much of each it sees is the mix (`--pretrain-mix`, tasks.MIXES).
+Nothing is downloaded.
 
     python base_model.py    # pretrains the default base for 200 steps and prints the loss
 """
@@ -53,18 +54,19 @@ def build_model(vocab_size, hidden=128, layers=4, heads=4, intermediate=512, max
 
 # ----------------------------------------------------------------------------- pretraining on the toy world
 
-def pretraining_batch(tok, rng, batch_size, seq_len, block_share):
+def pretraining_batch(tok, rng, batch_size, seq_len, block_share, mix="answers"):
     """(batch, seq_len + 1) token ids: items packed after a BOS and cut to length."""
     rows = []
     for _ in range(batch_size):
         text = tasks.BOS
         while len(text) <= seq_len:
-            text += tasks.pretraining_item(rng, block_share)
+            text += tasks.pretraining_item(rng, block_share, mix)
         rows.append(tok(text[:seq_len + 1], add_special_tokens=False)["input_ids"])
     return torch.tensor(rows)
 
 
-def pretrain(model, tok, steps, batch_size=64, seq_len=64, lr=3e-3, block_share=0.3, seed=0, device="cpu"):
+def pretrain(model, tok, steps, batch_size=64, seq_len=64, lr=3e-3, block_share=0.3, seed=0, device="cpu",
+             mix="answers"):
     """Next-token pretraining with AdamW and a cosine schedule; returns the loss of the last step."""
     rng = random.Random(seed)
     torch.manual_seed(seed)
@@ -76,7 +78,7 @@ def pretrain(model, tok, steps, batch_size=64, seq_len=64, lr=3e-3, block_share=
     model.train()
     bar = tqdm(range(steps), desc="pretraining base", unit="step")
     for _ in bar:
-        ids = pretraining_batch(tok, rng, batch_size, seq_len, block_share).to(device)
+        ids = pretraining_batch(tok, rng, batch_size, seq_len, block_share, mix).to(device)
         logits = model(input_ids=ids[:, :-1]).logits                           # (B, L, V)
         loss = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
         opt.zero_grad(set_to_none=True)

@@ -56,6 +56,8 @@ class Config:
     pretrain_steps: int = arg(2400, "pretraining steps on the toy world (skipped when OUT/base exists)")
     pretrain_batch: int = arg(64, "pretraining sequences per step")
     pretrain_lr: float = arg(3e-3, "pretraining peak learning rate")
+    pretrain_mix: str = arg("answers", "what the base pretrains on besides blocks (tasks.MIXES): answers (mostly "
+                                       "problems answered in one go) | steps (mostly single steps; blocks with twins)")
     block_share: float = arg(0.35, "share of pretraining items that are blocks: a target and 4 worked problems "
                                    "related to it")
     # the method: steps 1-3
@@ -120,7 +122,7 @@ ABOVE_0 = ["alpha", "eta_lr", "psi_lr", "pretrain_lr", "lora_alpha"]
 SHARES = ["block_share", "max_skip_share"]      # from 0 to 1
 CHOICES = {"dtype": DTYPES, "outer_target": ("solution", "answer"), "meta_grad": ("unroll", "replay"),
            "eta_grad_norm": ("target", "running"), "reward_norm": ("target", "running"),
-           "answer_with": ("sample", "greedy"), "reward": ("attribution", "contribution")}
+           "answer_with": ("sample", "greedy"), "pretrain_mix": tuple(tasks.MIXES), "reward": ("attribution", "contribution")}
 
 
 class Parser(argparse.ArgumentParser):

@@ -16,6 +16,8 @@ Every pool but own_with_target and own_target leaves out examples that are T its
   oracle           m true related problems, never T (world.oracle_examples: a reordering of T and neighbours)
   oracle_same      the reordering of T, m times, with its true answer
   random           m random training problems with true answers (= random_ttt)
+  oracle_near      m neighbours of T (one number moved by 1 to 3), true answers: other answers than T's
+  oracle_twin      m twins of T (two numbers moved so that T's answer stays, tasks.twin), true answers
 
     python room.py --out runs/default                        # the demo's base and inner loop, 300 targets
     python room.py --out runs/default --alpha 0.2             # any of the demo's settings, changed
@@ -40,7 +42,7 @@ from meta_step import outer_loss, pool_quality
 from stats import mean_se, median
 
 POOLS = ["own", "own_with_target", "own_target", "own_greedy", "own_correct", "own_same", "own_true", "own_worked",
-         "oracle", "oracle_same", "random"]
+         "oracle", "oracle_same", "random", "oracle_near", "oracle_twin"]
 
 
 def pools_for(model, tok, world, target, m, max_new, rng, gen):
@@ -57,6 +59,10 @@ def pools_for(model, tok, world, target, m, max_new, rng, gen):
     steps = decode(model, [], 1.0, tok, [world.practice_prompt(tok, target) + e["problem"] for e in practice],
                    max_new, stop=world.stop) if practice else []          # `@T` and the problem: `=65+18=83`
     reworked = [world.parse(e["problem"] + rest) for e, rest in zip(practice, steps)]
+    oracle = world.oracle_examples(rng, target, m)
+    terms = tasks.terms_of(target)   # drawn after the oracle's, so the pools before them are as they were
+    near = [tasks.problem_text(tasks.moved(terms, rng)) for _ in range(m)]
+    twins = [tasks.problem_text(t) for t in (tasks.twin(terms, rng) for _ in range(m)) if t]
     return samples, {
         "own": [(e["problem"], e["answer"], 1.0) for e in practice],
         "own_with_target": [(e["problem"], e["answer"], 1.0) for e in own],
@@ -66,9 +72,11 @@ def pools_for(model, tok, world, target, m, max_new, rng, gen):
         "own_same": [keep(e, right(e) and tasks.relation(e["problem"], target) == "same") for e in practice],
         "own_true": [(e["problem"], tasks.solve(e["problem"]), 1.0) for e in practice if tasks.solve(e["problem"])],
         "own_worked": [(e["problem"], w[1], 1.0) for e, w in zip(practice, reworked) if w],
-        "oracle": [(p, a, 1.0) for p, a in world.oracle_examples(rng, target, m)],
+        "oracle": [(p, a, 1.0) for p, a in oracle],
         "oracle_same": [(same, tasks.solve(same), 1.0)] * m,
-        "random": [(p, a, 1.0) for p, a in randoms]}
+        "random": [(p, a, 1.0) for p, a in randoms],
+        "oracle_near": [(p, tasks.solve(p), 1.0) for p in near],
+        "oracle_twin": [(p, tasks.solve(p), 1.0) for p in twins]}
 
 
 def measure(args):

@@ -137,8 +137,27 @@ def moved(terms, rng):
             return tuple(new)
 
 
+def twin(terms, rng):
+    """T with its answer kept and two of its numbers moved: a by d and b against it, so the first step stays
+    (`24+41+18=` for T = `23+42+18=`), or a by d and c against the first step's change (`42*6+64=` for
+    `41*6+70=`). Another problem with T's answer, nearer to T than its reordering. None when no move keeps every
+    number at 1 or more."""
+    a, op1, b, op2, c = terms
+    for _ in range(100):
+        d = rng.choice([-1, 1]) if op1 == "*" else rng.choice([-3, -2, -1, 1, 2, 3])
+        if op1 != "*" and rng.random() < 0.5:
+            new = (a + d, op1, b - d if op1 == "+" else b + d, op2, c)
+        else:
+            change = first_step((a + d, op1, b, op2, c)) - first_step(terms)
+            new = (a + d, op1, b, op2, c - change if op2 == "+" else c + change)
+        if min(new[0], new[2], new[4]) >= 1 and solve(problem_text(new)) is not None:
+            return new
+    return None
+
+
 def related(terms, kind, rng):
-    return {"same": lambda: reordered(terms), "nearby": lambda: moved(terms, rng), "target": lambda: terms}[kind]()
+    return {"same": lambda: reordered(terms), "nearby": lambda: moved(terms, rng), "target": lambda: terms,
+            "twin": lambda: twin(terms, rng) or terms}[kind]()
 
 
 def relation(problem, target):
@@ -150,17 +169,30 @@ def relation(problem, target):
     return "target" if problem == target else "same" if answer == solve(target) else "other"
 
 
-def pretraining_item(rng, block_share):
-    """A block (probability block_share): `@T` and four worked problems related to T, of kinds drawn with
-    PRETRAINING_KIND_ODDS; else a problem with its answer (60%) or a one-step problem with its answer (40%)."""
+# The pretraining mix: what the base sees besides blocks. "answers" (the demo's): mostly two-step problems answered
+# in one go, so the base answers T about as well as it works a problem step by step. "steps": mostly single steps
+# (either step of a problem), few one-go answers, and blocks with twins, so the base works a problem right far more
+# often than it answers T in one go: the asymmetry that self-synthesis needs, made larger (docs/toy_world.md).
+MIXES = {"answers": dict(one_go=0.6, second_steps=False, kinds=KINDS, odds=PRETRAINING_KIND_ODDS),
+         "steps": dict(one_go=0.15, second_steps=True, kinds=["twin", "same", "nearby", "target"],
+                       odds=[0.2, 0.24, 0.36, 0.2])}
+
+
+def pretraining_item(rng, block_share, mix="answers"):
+    """A block (probability block_share): `@T` and four worked problems related to T, of kinds drawn with the mix's
+    odds; else a problem with its one-go answer (the mix's one_go share) or a one-step problem with its answer (the
+    first step, or with second_steps either step at even odds)."""
+    mix = MIXES[mix]
     terms = sample_terms(rng, rng.choice(DOMAIN_NAMES))
     if rng.random() < block_share:
-        kinds = rng.choices(KINDS, weights=PRETRAINING_KIND_ODDS, k=4)
+        kinds = rng.choices(mix["kinds"], weights=mix["odds"], k=4)
         return f"{TARGET_MARK}{problem_text(terms)}\n" + "".join(worked(related(terms, k, rng)) + "\n" for k in kinds)
-    if rng.random() < 0.6:
+    if rng.random() < mix["one_go"]:
         return f"{problem_text(terms)}{value(terms)}\n"
-    a, op1, b = terms[:3]
-    return f"{a}{op1}{b}={first_step(terms)}\n"
+    a, op1, b, op2, c = terms
+    if not mix["second_steps"] or rng.random() < 0.5:
+        return f"{a}{op1}{b}={first_step(terms)}\n"
+    return f"{first_step(terms)}{op2}{c}={value(terms)}\n"
 
 
 def heldout_targets(n, seed):

@@ -57,6 +57,8 @@ def test_checker_solves_every_domain_and_related_problems_are_what_they_say():
             near = tasks.problem_text(tasks.moved(terms, rng))
             assert same != p and tasks.solve(same) == a and tasks.relation(same, p) == "same"
             assert near != p and tasks.relation(near, p) in ("other", "same") and tasks.relation(p, p) == "target"
+            twin = tasks.problem_text(tasks.twin(terms, rng))
+            assert twin != p and tasks.domain_of(twin) == d and tasks.relation(twin, p) == "same"
             oracle = TOY.oracle_examples(rng, p, 4)
             assert all(q != p and tasks.solve(q) == x for q, x in oracle)
     assert tasks.solve("12*3+5=") == "41" and tasks.solve("70-17+20=") == "73" and tasks.solve("10-17+5=") is None

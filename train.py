@@ -57,7 +57,7 @@ def load_or_pretrain_base(cfg):
     tok = base_model.build_tokenizer()
     model = base_model.build_model(len(tok), cfg.hidden, cfg.layers, cfg.heads, cfg.intermediate, seed=cfg.seed)
     base_model.pretrain(model.to(cfg.device), tok, cfg.pretrain_steps, cfg.pretrain_batch, lr=cfg.pretrain_lr,
-                        block_share=cfg.block_share, seed=cfg.seed, device=cfg.device)
+                        block_share=cfg.block_share, seed=cfg.seed, device=cfg.device, mix=cfg.pretrain_mix)
     for unfinished in (folder + ".tmp", folder):      # left by a kill mid-save (folder: no config.json in it)
         shutil.rmtree(unfinished, ignore_errors=True)
     base_model.save(model, tok, folder + ".tmp")
