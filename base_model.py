@@ -54,7 +54,7 @@ def build_model(vocab_size, hidden=128, layers=4, heads=4, intermediate=512, max
 
 # ----------------------------------------------------------------------------- pretraining on the toy world
 
-def pretraining_batch(tok, rng, batch_size, seq_len, block_share, mix="answers"):
+def pretraining_batch(tok, rng, batch_size, seq_len, block_share, mix="steps"):
     """(batch, seq_len + 1) token ids: items packed after a BOS and cut to length."""
     rows = []
     for _ in range(batch_size):
@@ -66,7 +66,7 @@ def pretraining_batch(tok, rng, batch_size, seq_len, block_share, mix="answers")
 
 
 def pretrain(model, tok, steps, batch_size=64, seq_len=64, lr=3e-3, block_share=0.3, seed=0, device="cpu",
-             mix="answers"):
+             mix="steps"):
     """Next-token pretraining with AdamW and a cosine schedule; returns the loss of the last step."""
     rng = random.Random(seed)
     torch.manual_seed(seed)

@@ -56,8 +56,9 @@ class Config:
     pretrain_steps: int = arg(2400, "pretraining steps on the toy world (skipped when OUT/base exists)")
     pretrain_batch: int = arg(64, "pretraining sequences per step")
     pretrain_lr: float = arg(3e-3, "pretraining peak learning rate")
-    pretrain_mix: str = arg("answers", "what the base pretrains on besides blocks (tasks.MIXES): answers (mostly "
-                                       "problems answered in one go) | steps (mostly single steps; blocks with twins)")
+    pretrain_mix: str = arg("steps", "what the base pretrains on besides blocks (tasks.MIXES): steps (mostly single "
+                                     "steps; blocks with twins) | answers (mostly problems answered in one go: the "
+                                     "demo before, docs/toy_world.md)")
     block_share: float = arg(0.35, "share of pretraining items that are blocks: a target and 4 worked problems "
                                    "related to it")
     # the method: steps 1-3
@@ -66,7 +67,7 @@ class Config:
     max_new: int = arg(24, "most tokens per generated example")
     answer_with: str = arg("sample", "answers to train on: sample (as generated) | greedy (the base re-answers p_i)")
     K: int = arg(8, "inner SGD steps (step 3)")
-    alpha: float = arg(0.05, "inner learning rate")
+    alpha: float = arg(0.1, "inner learning rate")
     inner_clip: float = arg(0.5, "clip each inner step's gradient norm to this, a guard against wrecking updates (0: off)")
     lora_rank: int = arg(4, "rank of the inner adapter phi and the generator adapter psi")
     lora_alpha: float = arg(4.0, "LoRA scale numerator: the update is (lora_alpha / lora_rank) B A")

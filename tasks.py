@@ -10,8 +10,9 @@ exploits, the step-by-step way of a pretrained LLM's worked examples: writing a 
 easier than solving T in one go, and what the model learns from it carries over to T. How much carries over is
 measured, not assumed (room.py).
 
-Practice problems related to T come in three kinds, in the pretraining blocks `@T` that teach the base to write them:
+Practice problems related to T come in four kinds, in the pretraining blocks `@T` that teach the base to write them:
   same     T reordered (`42+23+18=` for T = `23+42+18=`): another problem with T's answer
+  twin     two numbers of T moved so that its answer stays (`24+41+18=`): T's answer, nearer (steps mix only)
   nearby   one number of T moved by 1 to 3 (`23+42+20=`): a neighbour, with another answer
   target   T itself, worked: a candidate answer to T (self-verification, not a practice problem; the evaluation
            reports it apart, as a comparison)
@@ -169,16 +170,17 @@ def relation(problem, target):
     return "target" if problem == target else "same" if answer == solve(target) else "other"
 
 
-# The pretraining mix: what the base sees besides blocks. "answers" (the demo's): mostly two-step problems answered
-# in one go, so the base answers T about as well as it works a problem step by step. "steps": mostly single steps
+# The pretraining mix (--pretrain-mix): what the base sees besides blocks. "steps" (the demo's): mostly single steps
 # (either step of a problem), few one-go answers, and blocks with twins, so the base works a problem right far more
-# often than it answers T in one go: the asymmetry that self-synthesis needs, made larger (docs/toy_world.md).
+# often than it answers T in one go: the asymmetry that self-synthesis needs. "answers" (the demo before): mostly
+# two-step problems answered in one go, so the base answers T more often than it works a problem right
+# (docs/toy_world.md measures both).
 MIXES = {"answers": dict(one_go=0.6, second_steps=False, kinds=KINDS, odds=PRETRAINING_KIND_ODDS),
          "steps": dict(one_go=0.15, second_steps=True, kinds=["twin", "same", "nearby", "target"],
                        odds=[0.2, 0.24, 0.36, 0.2])}
 
 
-def pretraining_item(rng, block_share, mix="answers"):
+def pretraining_item(rng, block_share, mix="steps"):
     """A block (probability block_share): `@T` and four worked problems related to T, of kinds drawn with the mix's
     odds; else a problem with its one-go answer (the mix's one_go share) or a one-step problem with its answer (the
     first step, or with second_steps either step at even odds)."""

@@ -218,8 +218,8 @@ def test_partial_evaluation_with_other_settings_is_refused(tmp_path, tiny_base, 
     out = tmp_path / "eval"
     argv = ["--model", tiny_base, "--out", str(out), *QUICK, "--eval-targets", "2"]
     assert evaluate_cli(argv, capsys)[0] == 0
-    status, err = evaluate_cli([*argv, "--alpha", "0.1"], capsys)
-    assert status == 1 and "a partial evaluation with other settings (--alpha 0.05 there, 0.1 now)" in err, err
+    status, err = evaluate_cli([*argv, "--alpha", "0.2"], capsys)
+    assert status == 1 and "a partial evaluation with other settings (--alpha 0.1 there, 0.2 now)" in err, err
     assert len(err.strip().splitlines()) == 1
     assert evaluate_cli([*argv, "--eval-targets", "3"], capsys)[0] == 0   # more targets: the same ones, and one more
     assert len(eval_files(out)) == 3
