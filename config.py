@@ -123,7 +123,8 @@ ABOVE_0 = ["alpha", "eta_lr", "psi_lr", "pretrain_lr", "lora_alpha"]
 SHARES = ["block_share", "max_skip_share"]      # from 0 to 1
 CHOICES = {"dtype": DTYPES, "outer_target": ("solution", "answer"), "meta_grad": ("unroll", "replay"),
            "eta_grad_norm": ("target", "running"), "reward_norm": ("target", "running"),
-           "answer_with": ("sample", "greedy"), "pretrain_mix": tuple(tasks.MIXES), "reward": ("attribution", "contribution")}
+           "answer_with": ("sample", "greedy"), "reward": ("attribution", "contribution"),
+           "pretrain_mix": tuple(tasks.MIXES)}
 
 
 class Parser(argparse.ArgumentParser):

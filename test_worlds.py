@@ -5,6 +5,7 @@ here, which runs through the meta-step and the evaluation with no method file ch
     python -m pytest -q test_worlds.py
 """
 import random
+import re
 
 import pytest
 import torch
@@ -63,6 +64,30 @@ def test_checker_solves_every_domain_and_related_problems_are_what_they_say():
             assert all(q != p and tasks.solve(q) == x for q, x in oracle)
     assert tasks.solve("12*3+5=") == "41" and tasks.solve("70-17+20=") == "73" and tasks.solve("10-17+5=") is None
     assert tasks.solve("7x=") is None and tasks.relation("7x=", "12*3+5=") is None
+
+
+@pytest.mark.parametrize("mix", list(tasks.MIXES))
+def test_pretraining_items_are_right_and_in_the_mix_shares(mix):
+    """Every line of pretraining text is true arithmetic; one-go answers come at the mix's share; second steps
+    (seen as a left number of 100 or more, which no first step has) only where the mix has them."""
+    rng, one_go, second, single = random.Random(0), 0, 0, 0
+    for _ in range(4000):
+        item = tasks.pretraining_item(rng, 0.35, mix)
+        if item.startswith(tasks.TARGET_MARK):
+            for line in item.splitlines()[1:]:
+                problem, answer = TOY.parse(line)
+                assert tasks.solve(problem) == answer
+            continue
+        single += 1
+        left, answer = item.strip().split("=")
+        if tasks.terms_of(left + "="):
+            assert tasks.solve(left + "=") == answer
+            one_go += 1
+        else:
+            assert str(eval(left)) == answer
+            second += int(re.match(r"\d+", left)[0]) >= 100
+    assert abs(one_go / single - tasks.MIXES[mix]["one_go"]) < 0.03
+    assert (second > 0.02 * single) == tasks.MIXES[mix]["second_steps"]
 
 
 def test_train_and_heldout_are_disjoint():
