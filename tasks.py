@@ -116,9 +116,6 @@ def sample_problem(rng, domain, split="train"):
 
 # ----------------------------------------------------------------------------- practice problems related to T
 
-KINDS = ["same", "nearby", "target"]
-PRETRAINING_KIND_ODDS = [0.4, 0.4, 0.2]      # what the base learns to write: the generator has a choice to learn
-
 
 def reordered(terms):
     """T with the same answer, written otherwise: the first two numbers swapped (a-b+c becomes a+c-b, a+a+c 2*a+c)."""
@@ -174,8 +171,9 @@ def relation(problem, target):
 # (either step of a problem), few one-go answers, and blocks with twins, so the base works a problem right far more
 # often than it answers T in one go: the asymmetry that self-synthesis needs. "answers" (the demo before): mostly
 # two-step problems answered in one go, so the base answers T more often than it works a problem right
-# (docs/toy_world.md measures both).
-MIXES = {"answers": dict(one_go=0.6, second_steps=False, kinds=KINDS, odds=PRETRAINING_KIND_ODDS),
+# (docs/toy_world.md measures both). kinds and odds: what the blocks teach the base to write, so what the generator
+# can choose among and learn to prefer.
+MIXES = {"answers": dict(one_go=0.6, second_steps=False, kinds=["same", "nearby", "target"], odds=[0.4, 0.4, 0.2]),
          "steps": dict(one_go=0.15, second_steps=True, kinds=["twin", "same", "nearby", "target"],
                        odds=[0.2, 0.24, 0.36, 0.2])}
 
