@@ -4,6 +4,10 @@ inner steps K, on the default model size (random weights: cost does not depend o
 2. Sampling speed (step 1) on SmolLM2-135M-Instruct from its GGUF file: generator.decode with its KV cache, through
 no adapter and through a nonzero one, against transformers' model.generate on the same prompts, greedy; skipped when
 SmolLM2 is not installed (requirements-gguf.txt).
+3. Where the demo's time goes (--profile): a few units of each phase of `python train.py` (pretraining steps,
+meta-steps, evaluated targets), timed alone and then under cProfile, which splits each unit into its parts
+(sampling, the inner loop's forward and backward, the meta-gradient's double backward, ...); the seconds per unit
+times the demo's number of units is what each phase should take.
 
 Each (mode, K) runs in a fresh process, so that one measurement's peak cannot mask another's. peak_mb is the growth
 of the process's peak resident memory during the first meta-gradient over what the process held before it.
@@ -12,10 +16,13 @@ so float32 round-off would only measure summation order); rel_err_float32 is the
 
     python bench.py              # the meta-gradient table, written to bench.json's "meta_gradient"
     python bench.py --sampling   # the sampling benchmark, written to bench.json's "sampling" (7 min here, 1 thread)
+    python bench.py --profile    # the demo's profile, on the base, eta and psi of runs/default (--out another run)
 """
 import argparse
+import cProfile
 import json
 import os
+import pstats
 import random
 import resource
 import statistics
@@ -27,11 +34,13 @@ import torch
 
 import base_model
 import config
+import evaluate
 import math_data
 import tasks
+import train
 from generator import decode, eos_ids
 from inner_loop import encode, init_lora, lora_targets
-from meta_step import attribution
+from meta_step import attribution, meta_step
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -180,7 +189,109 @@ def print_sampling(r):
           f"old loop: {r['uncached_texts_identical']}")
 
 
-def main(which):
+# ----------------------------------------------------------------------------- where the demo's time goes
+
+# Each phase's parts: (label, function, the functions that call it); cProfile's time inside those calls, children
+# included. What no part covers is "the rest" (Python around the model, the tokenizer, the optimizers). A function
+# under @torch.no_grad() is called by torch's `decorate_context`.
+PARTS = {
+    "pretraining": [("data (toy world items, tokenizer)", "pretraining_batch", "pretrain"),
+                    ("forward", "_wrapped_call_impl", "pretrain"),
+                    ("backward", "backward", "pretrain"),
+                    ("AdamW step", "wrapper", "pretrain")],
+    "meta-training": [("sampling m examples and their greedy answers (step 1)", "synthesize", "meta_step"),
+                      ("scorer features (step 2)", "example_features", "meta_step"),
+                      ("inner loop, forward (step 3)", "inner_loss", "adapt"),
+                      ("inner loop, backward with create_graph (step 3)", "grad", "adapt"),
+                      ("L_out before and after, forward (eq. 3)", "outer_loss", ("meta_step", "attribution")),
+                      ("meta-gradient: double backward through the K steps (eq. 4)", "grad", "attribution"),
+                      ("REINFORCE log pi_psi, forward (eq. 5)", "log_prob", "meta_step"),
+                      ("backward into eta and psi (eqs. 4, 5)", "backward", "meta_step")],
+    "evaluation": [("sampling two pools and their greedy answers", "synthesize", "<lambda>"),
+                   ("scorer features and weights", "scored", "evaluate_target"),
+                   ("every method's inner loop (K steps)", "adapt", "evaluate_target"),
+                   ("every method's greedy answer to T, one batch", "decorate_context", "evaluate_target"),
+                   ("NLL of the answer before and after", "outer_loss", "<lambda>"),
+                   ("diagnostics: -g_i of both pools (a meta-gradient each)", "diagnostics", "evaluate_target")]}
+
+
+def profiled(run):
+    """(wall seconds of run() alone, seconds of each part of it under cProfile, seconds of run() under cProfile)."""
+    start = time.perf_counter()
+    run()
+    alone = time.perf_counter() - start
+    profile = cProfile.Profile()
+    start = time.perf_counter()
+    profile.runcall(run)
+    total = time.perf_counter() - start
+    return alone, pstats.Stats(profile).stats, total
+
+
+def part_seconds(stats, function, callers):
+    """cProfile's cumulative seconds of `function` when called from `callers` (a name or a tuple of names)."""
+    callers = callers if isinstance(callers, tuple) else (callers,)
+    return sum(ct for (_, _, name), (_, _, _, _, called_by) in stats.items() if name == function
+               for (_, _, caller), (_, _, _, ct) in called_by.items() if caller in callers)
+
+
+def profile(out):
+    """The three phases of the demo run in --out: units of each timed, split into PARTS, scaled to the demo."""
+    cfg = config.Config(**{k: v for k, v in json.load(open(os.path.join(out, "config.json"))).items()
+                           if k in config.Config.__dataclass_fields__})
+    cfg.device = "cpu"
+    world = config.make_world(cfg)
+    model, tok = base_model.load(os.path.join(out, "base"))
+    eta, psi, phi0, _, _ = train.learned_parts(model, cfg)
+    eta.load_state_dict(torch.load(os.path.join(out, "eta.pt"), weights_only=True))
+    trained_psi = torch.load(os.path.join(out, "psi.pt"), weights_only=True)
+    methods = evaluate.methods_for(world, trained=True)
+    stream, targets = world.train_targets(random.Random(cfg.seed)), world.heldout()
+    fresh = base_model.build_model(len(tok), cfg.hidden, cfg.layers, cfg.heads, cfg.intermediate)  # cost only
+    n = {"pretraining": 20, "meta-training": 16, "evaluation": 8}
+    demo = {"pretraining": cfg.pretrain_steps, "meta-training": cfg.meta_steps * cfg.meta_batch,
+            "evaluation": cfg.eval_targets}
+    units = {"pretraining": "step", "meta-training": "target", "evaluation": "target"}
+
+    def meta_steps():
+        for i in range(n["meta-training"]):
+            _, target, reference = next(stream)
+            meta_step(model, tok, world, eta, psi, phi0, target, reference, cfg, torch.Generator().manual_seed(i),
+                      {"improvement": 0.0, "g_norm": None}, grad_scale=1 / cfg.meta_batch)
+
+    def evaluated():
+        for i in range(n["evaluation"]):
+            _, target, reference, answer = targets[i]
+            evaluate.evaluate_target(model, tok, world, eta, trained_psi, phi0, cfg, methods, target, reference,
+                                     answer, seed=cfg.seed + 10_000 + i)
+
+    runs = {"pretraining": lambda: base_model.pretrain(fresh, tok, n["pretraining"], cfg.pretrain_batch,
+                                                       lr=cfg.pretrain_lr, block_share=cfg.block_share,
+                                                       mix=cfg.pretrain_mix),
+            "meta-training": meta_steps, "evaluation": evaluated}
+    result = {"run": out, "threads": torch.get_num_threads(), "phases": {}}
+    for phase, run in runs.items():
+        alone, stats, total = profiled(run)
+        parts = {label: part_seconds(stats, fn, callers) / total for label, fn, callers in PARTS[phase]}
+        parts["the rest (Python, tokenizer, optimizers)" if phase != "pretraining" else "the rest (clipping, "
+              "schedule, Python)"] = 1 - sum(parts.values())
+        result["phases"][phase] = {"units": n[phase], "unit": units[phase],
+                                   "seconds_per_unit": alone / n[phase], "demo_units": demo[phase],
+                                   "demo_minutes": alone / n[phase] * demo[phase] / 60, "shares": parts}
+    return result
+
+
+def print_profile(r):
+    total = sum(p["demo_minutes"] for p in r["phases"].values())
+    print(f"\nthe demo's profile ({r['run']}, {r['threads']} threads): seconds per unit alone, times the demo's "
+          f"units; shares of each unit's time under cProfile")
+    for phase, p in r["phases"].items():
+        print(f"\n{phase}: {p['seconds_per_unit']:.3f} s per {p['unit']} x {p['demo_units']} = "
+              f"{p['demo_minutes']:.1f} min ({p['demo_minutes'] / total:.0%} of {total:.1f} min)")
+        for label, share in p["shares"].items():
+            print(f"  {share:6.1%}  {label}")
+
+
+def main(which, out="runs/default"):
     """Runs the benchmarks named in `which` and writes their results into bench.json, keeping the others'."""
     saved = json.load(open("bench.json")) if os.path.exists("bench.json") else {}
     if "meta_gradient" in which:
@@ -190,6 +301,9 @@ def main(which):
         if result:
             saved["sampling"] = result
             print_sampling(result)
+    if "profile" in which:
+        saved["profile"] = profile(out)
+        print_profile(saved["profile"])
     with open("bench.json", "w") as f:
         json.dump(saved, f, indent=1)
     print("wrote bench.json")
@@ -198,6 +312,9 @@ def main(which):
 if __name__ == "__main__":
     parser = config.Parser(prog="bench.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sampling", action="store_true", help="the sampling benchmark instead of the meta-gradients")
+    parser.add_argument("--profile", action="store_true", help="where the demo's time goes, on the run in --out")
+    parser.add_argument("--out", default="runs/default", help="--profile: a finished train.py run (its base, eta, "
+                        "psi and settings)")
     parser.add_argument("--one", nargs=2, metavar=("MODE", "K"), help=argparse.SUPPRESS)   # one (mode, K), internal
     args = parser.parse_args()
     if args.one:
@@ -206,4 +323,7 @@ if __name__ == "__main__":
             parser.error(f"--one: a mode of {', '.join(MODES)} and a K of at least 1, not {mode} {K}")
         print(json.dumps(measure(mode, int(K))))
     else:
-        main(["sampling"] if args.sampling else ["meta_gradient"])
+        for name in ("config.json", "base", "eta.pt", "psi.pt"):
+            if args.profile and not os.path.exists(os.path.join(args.out, name)):
+                parser.error(f"--out {args.out}: no {name} there; --profile needs a finished train.py run")
+        main(["sampling"] if args.sampling else ["profile"] if args.profile else ["meta_gradient"], args.out)

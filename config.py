@@ -90,6 +90,9 @@ class Config:
     log_every: int = arg(10, "meta-steps between summary lines")
     # evaluation
     eval_targets: int = arg(300, "held-out targets, balanced over the domains")
+    diagnostic_targets: int = arg(100, "the first N held-out targets also get the diagnostics that need a "
+                                       "meta-gradient per pool (useful share, auc_attribution); a third of the "
+                                       "evaluation's time at 300")
     # reliability (docs/reliability.md)
     checkpoint_every: int = arg(10, "meta-steps between checkpoints (also written at the end, on Ctrl-C and at a stop)")
     max_skip_share: float = arg(0.5, "stop when more than this share of the meta-steps so far skipped their update "
@@ -118,7 +121,7 @@ PRESETS = {
 
 AT_LEAST_1 = ["m", "K", "max_new", "max_len", "lora_rank", "meta_batch", "log_every", "eval_targets", "checkpoint_every",
               "hidden", "layers", "heads", "intermediate", "pretrain_steps", "pretrain_batch", "scorer_width"]
-AT_LEAST_0 = ["meta_steps", "limit", "temperature", "inner_clip", "improvement_coef"]
+AT_LEAST_0 = ["meta_steps", "limit", "diagnostic_targets", "temperature", "inner_clip", "improvement_coef"]
 ABOVE_0 = ["alpha", "eta_lr", "psi_lr", "pretrain_lr", "lora_alpha"]
 SHARES = ["block_share", "max_skip_share"]      # from 0 to 1
 CHOICES = {"dtype": DTYPES, "outer_target": ("solution", "answer"), "meta_grad": ("unroll", "replay"),

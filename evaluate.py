@@ -80,11 +80,12 @@ def as_sft(tok, world, examples):
             torch.ones(len(examples)))
 
 
-def evaluate_target(model, tok, world, eta, psi, phi0, cfg, methods, target, reference, answer, seed):
+def evaluate_target(model, tok, world, eta, psi, phi0, cfg, methods, target, reference, answer, seed,
+                    attributed=True):
     """{method: (dnll, correct)} for one target, plus diagnostics of the generated pools; (dnll, correct,
     dnll_answer) where R* is more than the answer (a worked solution): dnll_answer is the change of the answer's NLL
     alone. reference: R*, the text dnll is measured on; answer: what a greedy answer is graded against (the same in
-    the toy world)."""
+    the toy world). attributed: the diagnostics include -g_i of each pool (diagnostics())."""
     rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
     T_batch = target_batch(world, tok, target, reference, cfg.max_len, model.device)
     sample = lambda adapter: synthesize(model, adapter, cfg.lora_scale, tok, world, target, cfg.m, cfg.temperature,
@@ -128,12 +129,14 @@ def evaluate_target(model, tok, world, eta, psi, phi0, cfg, methods, target, ref
             result[method] = (nll(phi, T_batch) - L_before, world.is_correct(answer_of[id(phi)], answer))
             if A_batch is not None:
                 result[method] += (nll(phi, A_batch) - A_before,)
-    return result, diagnostics(model, tok, world, phi0, cfg, target, T_batch, base_pool, mass_pool, base, trained)
+    return result, diagnostics(model, tok, world, phi0, cfg, target, T_batch, base_pool, mass_pool, base, trained,
+                               attributed)
 
 
-def diagnostics(model, tok, world, phi0, cfg, target, T_batch, base_pool, mass_pool, base, trained):
+def diagnostics(model, tok, world, phi0, cfg, target, T_batch, base_pool, mass_pool, base, trained, attributed=True):
     """What meta-training learned, on this target: the quality of the untrained (base_) and trained (mass_)
-    generator's samples, and how eta's weights rank examples. Without a checker (real data): the valid share only."""
+    generator's samples, and how eta's weights rank examples. Without a checker (real data): the valid share only.
+    attributed: also -g_i of each pool (a meta-gradient each: the useful share, auc_attribution)."""
     d = {}
     for name, pool, kept in (("base", base_pool, base), ("mass", mass_pool, trained)):
         if pool is None:
@@ -144,16 +147,16 @@ def diagnostics(model, tok, world, phi0, cfg, target, T_batch, base_pool, mass_p
         d.update({f"{name}_{k}": v for k, v in pool_quality(world, target, pool).items()})
         d[f"{name}_in_domain"] = sum(e["valid"] and world.domain_of(e["problem"]) == world.domain_of(target)
                                      for e in pool) / len(pool)
-        if kept is not None:   # useful: -g_i > 0 under uniform weights, a step on example i lowers L_out
+        if name == "base" and kept is not None:
+            d["auc_weights"] = auc(kept[2].tolist(), kept[3])           # does eta rank correct above wrong examples?
+        if kept is not None and attributed:   # useful: -g_i > 0 under uniform weights, a step on example i lowers L_out
             _, g = attribution(model, phi0, cfg.lora_scale, encode(tok, kept[0], kept[1], model.device),
                                torch.ones_like(kept[2]), T_batch, cfg.alpha, cfg.K, cfg.meta_grad,
                                cfg.inner_clip or None)
             d[f"{name}_useful"] = (g < 0).float().mean().item()
             if name == "base":
-                w, correct = kept[2], kept[3]
-                d["auc_weights"] = auc(w.tolist(), correct)            # does eta rank correct above wrong examples?
-                d["auc_attribution"] = auc((-g).tolist(), correct)     # does -g_i (helpfulness) rank them?
-                d["corr_weights_attribution"] = correlation(w.tolist(), (-g).tolist())
+                d["auc_attribution"] = auc((-g).tolist(), kept[3])     # does -g_i (helpfulness) rank them?
+                d["corr_weights_attribution"] = correlation(kept[2].tolist(), (-g).tolist())
     return d
 
 
@@ -203,7 +206,7 @@ def run(model, tok, world, eta, psi, phi0, cfg, out, trained=True, rank=0, ranks
         if i in done:
             raise checkpoint.Refused(f"{folder}: its target {i} is not target {i} now; remove it to start over")
         result, diags = evaluate_target(model, tok, world, eta, psi, phi0, cfg, methods, target, reference, answer,
-                                        seed=cfg.seed + 10_000 + i)
+                                        seed=cfg.seed + 10_000 + i, attributed=i < cfg.diagnostic_targets)
         checkpoint.save_eval_target(folder, i, {"target": target, "result": result, "diagnostics": diags})
         mine.append((result, diags))
     if ranks > 1:   # torchrun: every rank's results, in the targets' order

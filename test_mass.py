@@ -239,11 +239,15 @@ def test_statistics():
 def test_train_tiny_end_to_end(tmp_path, tiny_base):
     out = tmp_path / "run"
     shutil.copytree(tiny_base, out / "base")      # pretrained once for the session (conftest.py), reused here
-    done = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--preset", "tiny", "--out", str(out)],
-                          check=True, cwd=HERE, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--preset", "tiny", "--out", str(out),
+                           "--diagnostic-targets", "3"], check=True, cwd=HERE, capture_output=True, text=True)
     assert "reusing the pretrained base model" in done.stdout
-    for f in ["base/config.json", "eta.pt", "psi.pt", "metrics.jsonl", "results.json"]:
+    for f in ["base/config.json", "eta.pt", "psi.pt", "metrics.jsonl", "results.json", "timings.json"]:
         assert (out / f).exists(), f
+    assert set(json.loads((out / "timings.json").read_text())) == {"base model", "meta-training", "evaluation",
+                                                                    "in all"}
+    evaluated = sorted(out.glob("eval_*/target_*.json"))     # the first 3 targets' diagnostics have -g_i, no others
+    assert [("base_useful" in json.loads(f.read_text())["diagnostics"]) for f in evaluated] == [True] * 3 + [False] * 9
     results = json.loads((out / "results.json").read_text())
     assert set(results["methods"]) == {"no_adapt", "random_ttt", "self_uniform", "scorer_only", "mass", "oracle"}
     assert results["excludes_target"] is True and set(results["with_target"]) == {"mass_with_target",

@@ -150,13 +150,27 @@ def main(cfg, ready=None):
         os.makedirs(cfg.out, exist_ok=True)
         settings = json.dumps(dataclasses.asdict(cfg), indent=1)
         checkpoint.atomic_write(os.path.join(cfg.out, "config.json"), lambda f: f.write(settings.encode()))
+    clock = [("start", time.time())]
     model, tok = load_base(cfg, rank, ranks)
+    clock.append(("base model", time.time()))
     eta, psi, phi0 = meta_train(model, tok, world, cfg, saved, rank, ranks)
+    clock.append(("meta-training", time.time()))
     # held-out evaluation of every method (torchrun: each rank takes every ranks-th target; rank 0 writes)
     evaluate.run(model, tok, world, eta, {n: p.detach() for n, p in psi.items()}, phi0, cfg, cfg.out, rank=rank,
                  ranks=ranks)
+    clock.append(("evaluation", time.time()))
+    if rank == 0:   # what this command took, phase by phase (a continued run: only what it did itself)
+        took = {name: round(t - t_before, 1) for (_, t_before), (name, t) in zip(clock, clock[1:])}
+        took["in all"] = round(clock[-1][1] - clock[0][1], 1)
+        checkpoint.atomic_write(os.path.join(cfg.out, "timings.json"), lambda f: f.write(json.dumps(took).encode()))
+        print("took " + ", ".join(f"{name} {minutes(s)}" for name, s in took.items()) + " (timings.json)")
     if ranks > 1:
         dist.destroy_process_group()
+
+
+def minutes(seconds):
+    seconds = round(seconds)
+    return f"{seconds // 60} min {seconds % 60:02d} s"
 
 
 def meta_train(model, tok, world, cfg, saved, rank=0, ranks=1):
