@@ -21,6 +21,13 @@ Every pool but own_with_target and own_target leaves out examples that are T its
 
     python room.py --out runs/default                        # the demo's base and inner loop, 300 targets
     python room.py --out runs/default --alpha 0.2             # any of the demo's settings, changed
+    python room.py --out runs/default --generator             # how far psi can move in meta-training's budget
+
+--generator measures the generator's room instead: psi trained from zero by the meta-training's REINFORCE (the same
+estimator, baseline, Adam learning rate, targets per step and number of steps) with a perfect reward from the
+checker, 1 for a right practice problem with T's answer that is not T (the kind of example that helps most) and 0
+for any other, and no inner loop. What the generator's samples are, every --log-every steps, says how far a perfect
+reward could take psi; meta-training's own reward can do no better.
 """
 import argparse
 import json
@@ -36,9 +43,9 @@ import base_model
 import checkpoint
 import config
 import tasks
-from generator import decode, synthesize
+from generator import decode, log_prob, synthesize
 from inner_loop import adapt, encode, init_lora, lora_targets
-from meta_step import outer_loss, pool_quality
+from meta_step import outer_loss, pool_quality, reinforce_surrogate
 from stats import mean_se, median
 
 POOLS = ["own", "own_with_target", "own_target", "own_greedy", "own_correct", "own_same", "own_true", "own_worked",
@@ -110,6 +117,40 @@ def measure(args):
     return rows
 
 
+def generator_room(args, demo):
+    """psi trained by REINFORCE with a perfect reward (the module's docstring), in the demo's budget; prints and
+    returns the generator's shares (pool_quality) averaged over each --log-every steps."""
+    model, tok = base_model.load(os.path.join(args.out, "base"))
+    world = tasks.ToyWorld(args.targets, args.seed)
+    psi = {n: p.requires_grad_() for n, p in init_lora(model, lora_targets(model, args.lora_modules), args.lora_rank,
+                                                        seed=args.seed).items()}          # as train.py starts it
+    opt = torch.optim.Adam(psi.values(), lr=demo.psi_lr)
+    scale = args.lora_alpha / args.lora_rank
+    stream, window, rows = world.train_targets(random.Random(args.seed)), [], []
+    print(f"psi by REINFORCE with a perfect reward: {demo.meta_steps} steps of {demo.meta_batch} targets, "
+          f"{args.m} samples each, Adam lr {demo.psi_lr}")
+    for step in tqdm(range(1, demo.meta_steps + 1), desc="generator room", unit="step"):
+        for i in range(demo.meta_batch):
+            _, T, R = next(stream)
+            gen = torch.Generator().manual_seed(args.seed * 1_000_003 + (step - 1) * demo.meta_batch + i)
+            samples = synthesize(model, psi, scale, tok, world, T, args.m, demo.temperature, args.max_new, gen)
+            window.append(pool_quality(world, T, samples))
+            valid = [e for e in samples if e["valid"]]
+            if not valid:
+                continue
+            reward = torch.tensor([float(e["problem"] != T and tasks.solve(e["problem"]) == e["answer"] == R)
+                                   for e in valid])
+            logp = log_prob(model, psi, scale, tok, world, T, [e["line"] for e in valid])
+            (reinforce_surrogate(logp, reward - reward.mean()) / demo.meta_batch).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step % demo.log_every == 0 or step == demo.meta_steps:
+            rows.append({"step": step, **{k: sum(w[k] for w in window) / len(window) for k in window[0]}})
+            tqdm.write(" | ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in rows[-1].items()))
+            window = []
+    return rows
+
+
 def table(rows):
     """dnll mean ± s.e. per pool (columns), overall, on base-wrong targets and per domain (rows), medians in JSON;
     then the quality of the base's own pool."""
@@ -172,9 +213,21 @@ def main(argv):
     parser.add_argument("--lora-rank", type=int, default=demo.lora_rank)
     parser.add_argument("--lora-alpha", type=float, default=demo.lora_alpha)
     parser.add_argument("--max-new", type=int, default=demo.max_new)
+    parser.add_argument("--generator", action="store_true", help="the generator's room instead (see above), in "
+                        "the meta-training budget and psi-lr of the run's config.json (the demo's without one)")
     args = parser.parse_args(argv)
     check(parser, args)
     torch.manual_seed(args.seed)
+    if args.generator:   # the run's meta-training budget (its config.json; without one, the demo's)
+        saved = os.path.join(args.out, "config.json")
+        saved = json.load(open(saved)) if os.path.exists(saved) else {}
+        demo = config.Config(**{k: v for k, v in saved.items() if k in config.Config.__dataclass_fields__})
+        rows = generator_room(args, demo)
+        with open(os.path.join(args.out, "room_generator.json"), "w") as f:
+            json.dump({"settings": vars(args), "psi_lr": demo.psi_lr, "meta_steps": demo.meta_steps,
+                       "meta_batch": demo.meta_batch, "shares": rows}, f, indent=1)
+        print(f"wrote {os.path.join(args.out, 'room_generator.json')}")
+        return
     pools, quality = table(measure(args))
     result = {"settings": vars(args), "pools": pools, "own_pool": quality}
     modules = "" if args.lora_modules == "auto" else "_" + args.lora_modules.replace(",", "+")
