@@ -247,10 +247,10 @@ def profile(out):
     methods = evaluate.methods_for(world, trained=True)
     stream, targets = world.train_targets(random.Random(cfg.seed)), world.heldout()
     fresh = base_model.build_model(len(tok), cfg.hidden, cfg.layers, cfg.heads, cfg.intermediate)  # cost only
-    n = {"pretraining": 20, "meta-training": 16, "evaluation": 8}
+    diagnosed = min(cfg.diagnostic_targets, cfg.eval_targets)
+    n = {"pretraining": 20, "meta-training": 16, "evaluation": 6, "evaluation without diagnostics": 6}
     demo = {"pretraining": cfg.pretrain_steps, "meta-training": cfg.meta_steps * cfg.meta_batch,
-            "evaluation": cfg.eval_targets}
-    units = {"pretraining": "step", "meta-training": "target", "evaluation": "target"}
+            "evaluation": diagnosed, "evaluation without diagnostics": cfg.eval_targets - diagnosed}
 
     def meta_steps():
         for i in range(n["meta-training"]):
@@ -258,30 +258,37 @@ def profile(out):
             meta_step(model, tok, world, eta, psi, phi0, target, reference, cfg, torch.Generator().manual_seed(i),
                       {"improvement": 0.0, "g_norm": None}, grad_scale=1 / cfg.meta_batch)
 
-    def evaluated():
+    def evaluated(attributed):   # held-out targets, with the diagnostics that need -g_i or without them
         for i in range(n["evaluation"]):
             _, target, reference, answer = targets[i]
             evaluate.evaluate_target(model, tok, world, eta, trained_psi, phi0, cfg, methods, target, reference,
-                                     answer, seed=cfg.seed + 10_000 + i)
+                                     answer, seed=cfg.seed + 10_000 + i, attributed=attributed)
 
     runs = {"pretraining": lambda: base_model.pretrain(fresh, tok, n["pretraining"], cfg.pretrain_batch,
                                                        lr=cfg.pretrain_lr, block_share=cfg.block_share,
                                                        mix=cfg.pretrain_mix),
-            "meta-training": meta_steps, "evaluation": evaluated}
+            "meta-training": meta_steps, "evaluation": lambda: evaluated(True),
+            "evaluation without diagnostics": lambda: evaluated(False)}
     result = {"run": out, "threads": torch.get_num_threads(), "phases": {}}
     for phase, run in runs.items():
         alone, stats, total = profiled(run)
-        parts = {label: part_seconds(stats, fn, callers) / total for label, fn, callers in PARTS[phase]}
+        parts = {label: part_seconds(stats, fn, callers) / total
+                 for label, fn, callers in PARTS[phase.removesuffix(" without diagnostics")]}
         parts["the rest (Python, tokenizer, optimizers)" if phase != "pretraining" else "the rest (clipping, "
               "schedule, Python)"] = 1 - sum(parts.values())
-        result["phases"][phase] = {"units": n[phase], "unit": units[phase],
+        result["phases"][phase] = {"units": n[phase], "unit": "step" if phase == "pretraining" else "target",
                                    "seconds_per_unit": alone / n[phase], "demo_units": demo[phase],
                                    "demo_minutes": alone / n[phase] * demo[phase] / 60, "shares": parts}
+    phases = result["phases"]
+    result["demo_minutes"] = sum(p["demo_minutes"] for p in phases.values())
+    result["demo_minutes_every_target_diagnosed"] = sum(   # before --diagnostic-targets: -g_i on every target
+        phases[p]["demo_minutes"] for p in ("pretraining", "meta-training")) + \
+        phases["evaluation"]["seconds_per_unit"] * cfg.eval_targets / 60
     return result
 
 
 def print_profile(r):
-    total = sum(p["demo_minutes"] for p in r["phases"].values())
+    total = r["demo_minutes"]
     print(f"\nthe demo's profile ({r['run']}, {r['threads']} threads): seconds per unit alone, times the demo's "
           f"units; shares of each unit's time under cProfile")
     for phase, p in r["phases"].items():
@@ -289,6 +296,8 @@ def print_profile(r):
               f"{p['demo_minutes']:.1f} min ({p['demo_minutes'] / total:.0%} of {total:.1f} min)")
         for label, share in p["shares"].items():
             print(f"  {share:6.1%}  {label}")
+    print(f"\nin all {total:.1f} min; with the diagnostics on every held-out target "
+          f"{r['demo_minutes_every_target_diagnosed']:.1f} min")
 
 
 def main(which, out="runs/default"):
