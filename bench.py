@@ -227,11 +227,15 @@ def profiled(run):
     return alone, pstats.Stats(profile).stats, total
 
 
-def part_seconds(stats, function, callers):
-    """cProfile's cumulative seconds of `function` when called from `callers` (a name or a tuple of names)."""
-    callers = callers if isinstance(callers, tuple) else (callers,)
+def part_seconds(stats, function, callers=None):
+    """cProfile's cumulative seconds of `function` when called from `callers` (a name or a tuple of names; None:
+    from anywhere)."""
+    callers = callers if isinstance(callers, tuple) or callers is None else (callers,)
     return sum(ct for (_, _, name), (_, _, _, _, called_by) in stats.items() if name == function
-               for (_, _, caller), (_, _, _, ct) in called_by.items() if caller in callers)
+               for (_, _, caller), (_, _, _, ct) in called_by.items() if callers is None or caller in callers)
+
+
+ATTENTION = ("eager_attention_forward", "sdpa_attention_forward")   # transformers' attention, inside every forward
 
 
 def profile(out):
@@ -276,9 +280,11 @@ def profile(out):
                  for label, fn, callers in PARTS[phase.removesuffix(" without diagnostics")]}
         parts["the rest (Python, tokenizer, optimizers)" if phase != "pretraining" else "the rest (clipping, "
               "schedule, Python)"] = 1 - sum(parts.values())
+        attention = sum(part_seconds(stats, fn) for fn in ATTENTION) / total     # forward only, across the parts
         result["phases"][phase] = {"units": n[phase], "unit": "step" if phase == "pretraining" else "target",
                                    "seconds_per_unit": alone / n[phase], "demo_units": demo[phase],
-                                   "demo_minutes": alone / n[phase] * demo[phase] / 60, "shares": parts}
+                                   "demo_minutes": alone / n[phase] * demo[phase] / 60, "shares": parts,
+                                   "attention_forward_share": attention}
     phases = result["phases"]
     result["demo_minutes"] = sum(p["demo_minutes"] for p in phases.values())
     result["demo_minutes_every_target_diagnosed"] = sum(   # before --diagnostic-targets: -g_i on every target
@@ -296,6 +302,7 @@ def print_profile(r):
               f"{p['demo_minutes']:.1f} min ({p['demo_minutes'] / total:.0%} of {total:.1f} min)")
         for label, share in p["shares"].items():
             print(f"  {share:6.1%}  {label}")
+        print(f"  ({p['attention_forward_share']:.1%} of the {p['unit']} is the attention's forward, in every part)")
     print(f"\nin all {total:.1f} min; with the diagnostics on every held-out target "
           f"{r['demo_minutes_every_target_diagnosed']:.1f} min")
 

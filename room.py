@@ -22,6 +22,7 @@ Every pool but own_with_target and own_target leaves out examples that are T its
     python room.py --out runs/default                        # the demo's base and inner loop, 300 targets
     python room.py --out runs/default --alpha 0.2             # any of the demo's settings, changed
     python room.py --out runs/default --generator             # how far psi can move in meta-training's budget
+    python room.py --out runs/default --generator --psi-lr 3e-3               # the same at another learning rate
 
 --generator measures the generator's room instead: psi trained from zero by the meta-training's REINFORCE (the same
 estimator, baseline, Adam learning rate, targets per step and number of steps) with a perfect reward from the
@@ -148,6 +149,10 @@ def generator_room(args, demo):
             rows.append({"step": step, **{k: sum(w[k] for w in window) / len(window) for k in window[0]}})
             tqdm.write(" | ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in rows[-1].items()))
             window = []
+    third = max(1, len(rows) // 3)   # the first and last thirds of the logged steps, each a mean of its lines
+    first, last = ({k: sum(r[k] for r in part) / len(part) for k in rows[0] if k != "step"}
+                   for part in (rows[:third], rows[-third:]))
+    print(f"first {third} lines -> last {third}: " + ", ".join(f"{k} {first[k]:.3f} -> {last[k]:.3f}" for k in first))
     return rows
 
 
@@ -185,6 +190,8 @@ def table(rows):
 
 def check(parser, args):
     """Bad options exit 2, a run folder without a usable base exits 1, each in one line, before any work."""
+    if args.psi_lr is not None and not (math.isfinite(args.psi_lr) and args.psi_lr > 0):
+        parser.error(f"--psi-lr must be above 0, not {args.psi_lr}")
     for name, ok, what in (("targets", 1, "at least 1"), ("m", 1, "at least 1"), ("K", 1, "at least 1"),
                            ("max_new", 1, "at least 1"), ("lora_rank", 1, "at least 1"), ("inner_clip", 0, "at least 0"),
                            ("alpha", None, "above 0"), ("lora_alpha", None, "above 0")):
@@ -215,6 +222,7 @@ def main(argv):
     parser.add_argument("--max-new", type=int, default=demo.max_new)
     parser.add_argument("--generator", action="store_true", help="the generator's room instead (see above), in "
                         "the meta-training budget and psi-lr of the run's config.json (the demo's without one)")
+    parser.add_argument("--psi-lr", type=float, default=None, help="--generator: this Adam learning rate instead")
     args = parser.parse_args(argv)
     check(parser, args)
     torch.manual_seed(args.seed)
@@ -222,11 +230,12 @@ def main(argv):
         saved = os.path.join(args.out, "config.json")
         saved = json.load(open(saved)) if os.path.exists(saved) else {}
         demo = config.Config(**{k: v for k, v in saved.items() if k in config.Config.__dataclass_fields__})
+        demo.psi_lr = args.psi_lr or demo.psi_lr
         rows = generator_room(args, demo)
-        with open(os.path.join(args.out, "room_generator.json"), "w") as f:
+        with open(os.path.join(args.out, f"room_generator_lr{demo.psi_lr}.json"), "w") as f:
             json.dump({"settings": vars(args), "psi_lr": demo.psi_lr, "meta_steps": demo.meta_steps,
                        "meta_batch": demo.meta_batch, "shares": rows}, f, indent=1)
-        print(f"wrote {os.path.join(args.out, 'room_generator.json')}")
+        print(f"wrote {os.path.join(args.out, f'room_generator_lr{demo.psi_lr}.json')}")
         return
     pools, quality = table(measure(args))
     result = {"settings": vars(args), "pools": pools, "own_pool": quality}
