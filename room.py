@@ -26,9 +26,9 @@ Every pool but own_with_target and own_target leaves out examples that are T its
 
 --generator measures the generator's room instead: psi trained from zero by the meta-training's REINFORCE (the same
 estimator, baseline, Adam learning rate, targets per step and number of steps) with a perfect reward from the
-checker, 1 for a right practice problem with T's answer that is not T (the kind of example that helps most) and 0
-for any other, and no inner loop. What the generator's samples are, every --log-every steps, says how far a perfect
-reward could take psi; meta-training's own reward can do no better.
+checker, 1 for a right practice problem with T's answer that is not T (twins, the best pool above, are of this kind)
+and 0 for any other, and no inner loop. What the generator's samples are, every --log-every steps, says how far a
+reward that knows exactly which samples are of that kind could take psi in that budget.
 """
 import argparse
 import json
