@@ -23,6 +23,7 @@ Every pool but own_with_target and own_target leaves out examples that are T its
     python room.py --out runs/default --alpha 0.2             # any of the demo's settings, changed
     python room.py --out runs/default --generator             # how far psi can move in meta-training's budget
     python room.py --out runs/default --generator --psi-lr 3e-3               # the same at another learning rate
+    python room.py --out runs/default --generator --meta-steps 600            # ... or with four times the steps
 
 --generator measures the generator's room instead: psi trained from zero by the meta-training's REINFORCE (the same
 estimator, baseline, Adam learning rate, targets per step and number of steps) with a perfect reward from the
@@ -192,6 +193,8 @@ def check(parser, args):
     """Bad options exit 2, a run folder without a usable base exits 1, each in one line, before any work."""
     if args.psi_lr is not None and not (math.isfinite(args.psi_lr) and args.psi_lr > 0):
         parser.error(f"--psi-lr must be above 0, not {args.psi_lr}")
+    if args.meta_steps is not None and args.meta_steps < 1:
+        parser.error(f"--meta-steps must be at least 1, not {args.meta_steps}")
     for name, ok, what in (("targets", 1, "at least 1"), ("m", 1, "at least 1"), ("K", 1, "at least 1"),
                            ("max_new", 1, "at least 1"), ("lora_rank", 1, "at least 1"), ("inner_clip", 0, "at least 0"),
                            ("alpha", None, "above 0"), ("lora_alpha", None, "above 0")):
@@ -223,6 +226,7 @@ def main(argv):
     parser.add_argument("--generator", action="store_true", help="the generator's room instead (see above), in "
                         "the meta-training budget and psi-lr of the run's config.json (the demo's without one)")
     parser.add_argument("--psi-lr", type=float, default=None, help="--generator: this Adam learning rate instead")
+    parser.add_argument("--meta-steps", type=int, default=None, help="--generator: this many steps instead")
     args = parser.parse_args(argv)
     check(parser, args)
     torch.manual_seed(args.seed)
@@ -230,12 +234,13 @@ def main(argv):
         saved = os.path.join(args.out, "config.json")
         saved = json.load(open(saved)) if os.path.exists(saved) else {}
         demo = config.Config(**{k: v for k, v in saved.items() if k in config.Config.__dataclass_fields__})
-        demo.psi_lr = args.psi_lr or demo.psi_lr
+        demo.psi_lr, demo.meta_steps = args.psi_lr or demo.psi_lr, args.meta_steps or demo.meta_steps
         rows = generator_room(args, demo)
-        with open(os.path.join(args.out, f"room_generator_lr{demo.psi_lr}.json"), "w") as f:
+        path = os.path.join(args.out, f"room_generator_lr{demo.psi_lr}_steps{demo.meta_steps}.json")
+        with open(path, "w") as f:
             json.dump({"settings": vars(args), "psi_lr": demo.psi_lr, "meta_steps": demo.meta_steps,
                        "meta_batch": demo.meta_batch, "shares": rows}, f, indent=1)
-        print(f"wrote {os.path.join(args.out, f'room_generator_lr{demo.psi_lr}.json')}")
+        print(f"wrote {path}")
         return
     pools, quality = table(measure(args))
     result = {"settings": vars(args), "pools": pools, "own_pool": quality}

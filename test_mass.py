@@ -279,7 +279,7 @@ def test_room_generator_runs_the_meta_training_budget(tmp_path, tiny_base):
     (tmp_path / "config.json").write_text(json.dumps({"meta_steps": 3, "meta_batch": 2, "log_every": 2, "m": 4}))
     subprocess.run([sys.executable, os.path.join(HERE, "room.py"), "--out", str(tmp_path), "--generator", "--m", "4",
                     "--max-new", "12"], check=True, cwd=HERE, capture_output=True)
-    saved = json.loads((tmp_path / "room_generator_lr0.001.json").read_text())     # the run's psi-lr (the default)
+    saved = json.loads((tmp_path / "room_generator_lr0.001_steps3.json").read_text())    # the run's psi-lr, steps
     assert (saved["meta_steps"], saved["meta_batch"]) == (3, 2)
     assert [r["step"] for r in saved["shares"]] == [2, 3]              # every --log-every steps and the last
     assert all(0 <= r["correct"] <= r["valid"] <= 1 for r in saved["shares"])
