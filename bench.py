@@ -240,8 +240,7 @@ ATTENTION = ("eager_attention_forward", "sdpa_attention_forward")   # transforme
 
 def profile(out):
     """The three phases of the demo run in --out: units of each timed, split into PARTS, scaled to the demo."""
-    cfg = config.Config(**{k: v for k, v in json.load(open(os.path.join(out, "config.json"))).items()
-                           if k in config.Config.__dataclass_fields__})
+    cfg = config.of_run(out)
     cfg.device = "cpu"
     world = config.make_world(cfg)
     model, tok = base_model.load(os.path.join(out, "base"))

@@ -6,6 +6,7 @@ presets, the up-front checks of option values, and the choice of world that the 
 """
 import argparse
 import dataclasses
+import json
 import math
 import os
 import sys
@@ -190,6 +191,17 @@ def parse_args(argv=None, description=None):
     if error:
         parser.error(error)
     return cfg
+
+
+def of_run(folder):
+    """The Config a train.py run saved in folder/config.json, settings it no longer has dropped; the defaults when
+    there is no such file. json's ValueError (or TypeError) when the file is not a config."""
+    path = os.path.join(folder, "config.json")
+    if not os.path.exists(path):
+        return Config()
+    with open(path) as f:
+        saved = json.load(f)
+    return Config(**{k: v for k, v in saved.items() if k in Config.__dataclass_fields__})
 
 
 def make_world(cfg):

@@ -292,9 +292,7 @@ def run_settings(args):
         if not os.path.isfile(os.path.join(args.out, name)):
             raise ValueError(f"--out {args.out}: no {name} there, so no train.py run to evaluate")
     try:
-        with open(os.path.join(args.out, "config.json")) as f:
-            saved = json.load(f)
-        cfg = config.Config(**{k: v for k, v in saved.items() if k in config.Config.__dataclass_fields__})
+        cfg = config.of_run(args.out)
     except (ValueError, TypeError) as e:
         raise ValueError(f"{os.path.join(args.out, 'config.json')}: not a train.py config ({type(e).__name__})") from None
     cfg.out, cfg.eval_targets = args.out, args.eval_targets or cfg.eval_targets

@@ -17,7 +17,6 @@ What the prompt says, what ends a sample and how a sample becomes a practice exa
 """
 import contextlib
 import inspect
-import json
 import os
 import sys
 
@@ -159,11 +158,7 @@ if __name__ == "__main__":
     run = args[0] if args else "runs/default"
     try:   # a missing or unusable run: one line, no traceback
         n = int(args[1]) if len(args) > 1 else 5
-        settings = {}
-        if os.path.exists(os.path.join(run, "config.json")):
-            with open(os.path.join(run, "config.json")) as f:
-                settings = json.load(f)
-        cfg = config.Config(**{k: v for k, v in settings.items() if k in config.Config.__dataclass_fields__})
+        cfg = config.of_run(run)
         cfg.eval_targets, cfg.limit = n, n                    # the first n held-out targets
         base = cfg.model or os.path.join(run, "base")
         base_model.check(base, cfg.lora_modules, cfg.lora_rank, option="RUN_DIR" if not cfg.model else "--model")

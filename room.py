@@ -129,6 +129,7 @@ def generator_room(args, demo):
     opt = torch.optim.Adam(psi.values(), lr=demo.psi_lr)
     scale = args.lora_alpha / args.lora_rank
     stream, window, rows = world.train_targets(random.Random(args.seed)), [], []
+    mean_of = lambda lines: {k: sum(line[k] for line in lines) / len(lines) for k in lines[0] if k != "step"}
     print(f"psi by REINFORCE with a perfect reward: {demo.meta_steps} steps of {demo.meta_batch} targets, "
           f"{args.m} samples each, Adam lr {demo.psi_lr}")
     for step in tqdm(range(1, demo.meta_steps + 1), desc="generator room", unit="step"):
@@ -147,12 +148,11 @@ def generator_room(args, demo):
         opt.step()
         opt.zero_grad(set_to_none=True)
         if step % demo.log_every == 0 or step == demo.meta_steps:
-            rows.append({"step": step, **{k: sum(w[k] for w in window) / len(window) for k in window[0]}})
+            rows.append({"step": step, **mean_of(window)})
             tqdm.write(" | ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in rows[-1].items()))
             window = []
     third = max(1, len(rows) // 3)   # the first and last thirds of the logged steps, each a mean of its lines
-    first, last = ({k: sum(r[k] for r in part) / len(part) for k in rows[0] if k != "step"}
-                   for part in (rows[:third], rows[-third:]))
+    first, last = mean_of(rows[:third]), mean_of(rows[-third:])
     print(f"first {third} lines -> last {third}: " + ", ".join(f"{k} {first[k]:.3f} -> {last[k]:.3f}" for k in first))
     return rows
 
@@ -231,9 +231,7 @@ def main(argv):
     check(parser, args)
     torch.manual_seed(args.seed)
     if args.generator:   # the run's meta-training budget (its config.json; without one, the demo's)
-        saved = os.path.join(args.out, "config.json")
-        saved = json.load(open(saved)) if os.path.exists(saved) else {}
-        demo = config.Config(**{k: v for k, v in saved.items() if k in config.Config.__dataclass_fields__})
+        demo = config.of_run(args.out)
         demo.psi_lr, demo.meta_steps = args.psi_lr or demo.psi_lr, args.meta_steps or demo.meta_steps
         rows = generator_room(args, demo)
         path = os.path.join(args.out, f"room_generator_lr{demo.psi_lr}_steps{demo.meta_steps}.json")
