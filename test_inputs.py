@@ -5,6 +5,7 @@ evaluate.py, room.py; the cases are listed in docs/reliability.md.
 
     OMP_NUM_THREADS=1 python -m pytest -q test_inputs.py
 """
+import json
 import os
 import subprocess
 import sys
@@ -133,6 +134,15 @@ def test_a_run_with_other_settings_is_not_continued(tmp_path, tiny_base, capsys)
     assert status == 1 and "a run with other settings (--m 4 there, 3 now)" in err
     status, err = refused([*QUICK, "--out", str(out), "--meta-steps", "1"], capsys)
     assert status == 1 and "already at meta-step 2, past --meta-steps 1" in err
+    assert snapshot(out) == before
+
+
+def test_a_base_pretrained_with_other_settings_is_not_reused(tmp_path, tiny_base, capsys):
+    out = run_folder(tmp_path, tiny_base)           # the session's tiny base, with no checkpoint beside it
+    assert json.loads((out / "base" / "pretraining.json").read_text())["hidden"] == 48
+    before = snapshot(out)
+    status, err = refused([*QUICK, "--out", str(out), "--hidden", "64", "--heads", "2"], capsys)
+    assert status == 1 and "a base pretrained with other settings (--hidden 48 there, 64 now)" in err
     assert snapshot(out) == before
 
 

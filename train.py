@@ -44,7 +44,32 @@ def check_inputs(cfg):
     base = os.path.join(cfg.out, "base")
     if cfg.model or os.path.exists(os.path.join(base, "config.json")):
         base_model.check(cfg.model or base, cfg.lora_modules, cfg.lora_rank)
+    if not cfg.model:
+        check_pretraining(cfg, base)
     return world, checkpoint.read(cfg.out, dataclasses.asdict(cfg))
+
+
+# what makes the toy base: a cached OUT/base records them (base/pretraining.json), and is reused only with the same
+PRETRAINING = ("hidden", "layers", "heads", "intermediate", "pretrain_steps", "pretrain_batch", "pretrain_lr",
+               "pretrain_mix", "block_share")
+
+
+def check_pretraining(cfg, base):
+    """Refuse (ValueError, one line) to reuse a cached toy base pretrained with other settings than cfg's. A base
+    saved before bases recorded their settings (no pretraining.json) is reused as it is."""
+    path = os.path.join(base, "pretraining.json")
+    if not os.path.exists(path):
+        return
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except ValueError:
+        raise ValueError(f"{path}: not readable JSON; remove {base} to pretrain the base anew") from None
+    changed = [f"{config.flag(k)} {saved[k]} there, {getattr(cfg, k)} now" for k in PRETRAINING
+               if k in saved and saved[k] != getattr(cfg, k)]
+    if changed:
+        raise ValueError(f"{base}: a base pretrained with other settings ({'; '.join(changed)}); give its settings, "
+                         f"another --out, or remove {base} to pretrain anew")
 
 
 def load_or_pretrain_base(cfg):
@@ -61,6 +86,8 @@ def load_or_pretrain_base(cfg):
     for unfinished in (folder + ".tmp", folder):      # left by a kill mid-save (folder: no config.json in it)
         shutil.rmtree(unfinished, ignore_errors=True)
     base_model.save(model, tok, folder + ".tmp")
+    with open(os.path.join(folder + ".tmp", "pretraining.json"), "w") as f:   # what made it (check_pretraining)
+        json.dump({k: getattr(cfg, k) for k in PRETRAINING}, f, indent=1)
     os.replace(folder + ".tmp", folder)
     return base_model.load(folder, cfg.device, cfg.dtype)
 
