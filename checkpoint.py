@@ -59,14 +59,18 @@ def read(out, settings):
     except Exception as e:     # whatever the unpickler raises: one line naming the file, no traceback
         raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__})") from None
     saved = checkpoint["config"]
-    changed = [f"--{k.replace('_', '-')} {saved[k]} there, {settings[k]} now" for k in saved
-               if k not in MAY_CHANGE and k in settings and settings[k] != saved[k]]
+    changed = changed_settings(saved, {k: settings[k] for k in saved if k not in MAY_CHANGE and k in settings})
     if changed:
         raise ValueError(f"{path}: a run with other settings ({'; '.join(changed)}); rerun it with its settings or "
                          f"give another --out")
     if settings["meta_steps"] < checkpoint["step"]:
         raise ValueError(f"{path}: already at meta-step {checkpoint['step']}, past --meta-steps {settings['meta_steps']}")
     return checkpoint
+
+
+def changed_settings(saved, now):
+    """'--name X there, Y now' for each setting in `now` whose value differs from the one `saved` (a dict) holds."""
+    return [f"--{k.replace('_', '-')} {saved.get(k)} there, {v} now" for k, v in now.items() if saved.get(k) != v]
 
 
 def rng_states(stream_rng):
@@ -156,8 +160,7 @@ def check_eval(folder, expected):
         return
     with open(path) as f:
         saved = json.load(f)
-    changed = [f"--{k.replace('_', '-')} {saved.get(k)} there, {v} now" for k, v in expected.items()
-               if saved.get(k) != v]
+    changed = changed_settings(saved, expected)
     if changed:
         raise Refused(f"{folder}: a partial evaluation with other settings ({'; '.join(changed)}); rerun it with "
                       f"its settings, or remove {folder} to evaluate from the start")

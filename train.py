@@ -65,8 +65,7 @@ def check_pretraining(cfg, base):
             saved = json.load(f)
     except ValueError:
         raise ValueError(f"{path}: not readable JSON; remove {base} to pretrain the base anew") from None
-    changed = [f"{config.flag(k)} {saved[k]} there, {getattr(cfg, k)} now" for k in PRETRAINING
-               if k in saved and saved[k] != getattr(cfg, k)]
+    changed = checkpoint.changed_settings(saved, {k: getattr(cfg, k) for k in PRETRAINING if k in saved})
     if changed:
         raise ValueError(f"{base}: a base pretrained with other settings ({'; '.join(changed)}); give its settings, "
                          f"another --out, or remove {base} to pretrain anew")
